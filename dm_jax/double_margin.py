@@ -1,0 +1,163 @@
+"""The Double Margin triple ``(z, s, v)`` (paper Section 3.2, eqs. 7-9).
+
+Propagated alongside each other over the traced model:
+
+* affine map ``A`` with linear part ``W``: ``z' = A z``, ``s' = |W| s``, ``v' = |W| v``;
+* non-decreasing ``g`` (ReLU element-wise, or max pooling):
+  ``z' = g(z)``, ``s' = (g(z + s) - g(z - s)) / 2``,
+  ``v' = (g(z + v) - g(z - v)) / 2 + |g(z + s + v) + g(z - s - v) - 2 g(z)| / 2``.
+
+Start: ``z = x``, ``s = eps``, ``v = 0`` (l-inf); for l2/l1/l0 the first linear layer
+gets the exact half range (see :mod:`dm_jax.propagation`).
+
+Variants (paper Table 2): ``"s_only"`` (Variation 1: no v) and ``"ibp_v"`` (Variation 2:
+IBP bounds ``l, u`` replace ``z - s, z + s`` in the v rule and in the objective).
+
+Double Margin is NOT a sound bound; it is a training signal. Certify with
+:mod:`dm_jax.certify`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from dm_jax import propagation
+from dm_jax.input_sets import make_input_set
+from dm_jax.propagation import Abstract
+
+VARIANTS = ("dm", "s_only", "ibp_v")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Margins:
+  """Double Margin triple for a tensor of shape (B, ...).
+
+  Attributes:
+    z: nominal value.
+    s: first-order margin (>= 0). For ``ibp_v`` the IBP radius ``(u - l) / 2``.
+    v: second-order margin (>= 0); zeros for ``s_only``.
+    lower, upper: the ends the objective uses: ``z -/+ (s + v)``, or for ``ibp_v``
+      ``l - v`` and ``u + v``.
+  """
+  z: jax.Array
+  s: jax.Array
+  v: jax.Array
+  lower: jax.Array
+  upper: jax.Array
+
+
+class DoubleMarginDomain(propagation.ForwardDomain):
+  """centres = (z,), radii = (s, v); for s_only radii = (s,)."""
+
+  def __init__(self, variant: str = "dm"):
+    self.variant = variant
+    self.name = f"double-margin ({variant})"
+
+  def from_range(self, nominal, down, up):
+    s = (up + down) / 2
+    if self.variant == "s_only":
+      return Abstract((nominal,), (s,))
+    return Abstract((nominal,), (s, jnp.zeros_like(s)))
+
+  def monotone(self, g, a):
+    (z,) = a.centres
+    gz = g(z)
+    if self.variant == "s_only":
+      (s,) = a.radii
+      return Abstract((gz,), ((g(z + s) - g(z - s)) / 2,))
+    s, v = a.radii
+    s_new = (g(z + s) - g(z - s)) / 2
+    v_new = ((g(z + v) - g(z - v)) / 2
+             + jnp.abs(g(z + s + v) + g(z - s - v) - 2 * gz) / 2)
+    return Abstract((gz,), (s_new, v_new))
+
+
+class IbpPlusVDomain(propagation.ForwardDomain):
+  """Variation 2: centres = (z, c_ibp), radii = (r_ibp, v)."""
+
+  name = "double-margin (ibp_v)"
+
+  def from_range(self, nominal, down, up):
+    r = (up + down) / 2
+    return Abstract((nominal, nominal + (up - down) / 2), (r, jnp.zeros_like(r)))
+
+  def monotone(self, g, a):
+    (z, c), (r, v) = a.centres, a.radii
+    gz, lo, hi = g(z), g(c - r), g(c + r)
+    v_new = ((g(z + v) - g(z - v)) / 2
+             + jnp.abs(g(c + r + v) + g(c - r - v) - 2 * gz) / 2)
+    return Abstract((gz, (hi + lo) / 2), ((hi - lo) / 2, v_new))
+
+
+def make_domain(variant: str) -> propagation.ForwardDomain:
+  if variant in ("dm", "s_only"):
+    return DoubleMarginDomain(variant)
+  if variant == "ibp_v":
+    return IbpPlusVDomain()
+  raise ValueError(f"Unknown Double Margin variant {variant!r}; expected one of "
+                   f"{', '.join(VARIANTS)}.")
+
+
+def to_margins(a: Abstract, variant: str) -> Margins:
+  if variant == "ibp_v":
+    (z, c), (r, v) = a.centres, a.radii
+    return Margins(z, r, v, c - r - v, c + r + v)
+  z = a.centres[0]
+  s = a.radii[0]
+  v = a.radii[1] if variant == "dm" else jnp.zeros_like(s)
+  return Margins(z, s, v, z - s - v, z + s + v)
+
+
+def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
+                  variant: str = "dm", k: Optional[int] = None,
+                  domain: Optional[Tuple[float, float]] = None,
+                  return_relu_inputs: bool = False):
+  """The Double Margin triple of ``apply_fn(params, .)`` at ``x`` for radius ``eps``.
+
+  Args:
+    apply_fn: pure function ``(params, x) -> logits`` (e.g. a Flax ``model.apply``).
+    params: its parameters.
+    x: (B, ...) nominal inputs.
+    eps: scalar, (B,) or x.shape (linf only). Ignored for l0.
+    norm: "linf", "l2", "l1" or "l0".
+    variant: "dm" (default), "s_only" or "ibp_v".
+    k: changed coordinates for l0.
+    domain: optional (lo, hi) data box (for linf it clips the start interval; z stays
+      the nominal input and ``s_0`` is the half width of the clipped interval).
+    return_relu_inputs: also return the Margins of every ReLU input.
+
+  Returns:
+    :class:`Margins` of the (B, K) output, and with ``return_relu_inputs`` a tuple of
+    Margins for every ReLU input.
+  """
+  dom = make_domain(variant)
+  iset = make_input_set(x, eps, norm, k, domain)
+  out, relus = propagation.propagate(apply_fn, params, iset, dom)
+  if return_relu_inputs:
+    return to_margins(out, variant), tuple(to_margins(a, variant) for a in relus)
+  return to_margins(out, variant)
+
+
+def split_cross_entropy(logits_upper, logits_lower, labels):
+  """``L+(upper) + L-(lower)`` for softmax cross-entropy: logsumexp(upper) - lower[y].
+
+  Args:
+    logits_upper, logits_lower: (B, K).
+    labels: (B,) integer classes.
+
+  Returns:
+    (B,) the loss at the worst-case logits the margins describe.
+  """
+  lse = jax.nn.logsumexp(logits_upper, axis=-1)
+  true = jnp.take_along_axis(logits_lower, labels[:, None], axis=-1)[:, 0]
+  return lse - true
+
+
+def dm_regularizer(m: Margins, labels) -> jax.Array:
+  """Eq. 9: ``R = mean[L+(z + s + v) + L-(z - s - v) - L(z)]`` (cross-entropy)."""
+  clean = split_cross_entropy(m.z, m.z, labels)
+  return jnp.mean(split_cross_entropy(m.upper, m.lower, labels) - clean)

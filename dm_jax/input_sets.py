@@ -1,0 +1,133 @@
+"""Perturbation sets (threat models) and their validation.
+
+An input set is the ball ``{x : ||x - x_nom||_p <= eps}`` for p in {inf, 2, 1}, or the
+l0 set "at most ``k`` coordinates changed, each to any value in [0, 1]". Optionally the
+set is intersected with the data domain box ``domain = (lo, hi)`` (e.g. ``(0, 1)`` for
+images).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMS = ("linf", "l2", "l1", "l0")
+_ALIASES = {
+    "linf": "linf", "inf": "linf", "l_inf": "linf", "infinity": "linf",
+    "l2": "l2", "2": "l2", "l1": "l1", "1": "l1", "l0": "l0", "0": "l0",
+}
+
+
+def canonical_norm(norm: Any) -> str:
+  """Maps ``'linf' | 'inf' | np.inf | 'l2' | 2 | 'l1' | 1 | 'l0' | 0`` to a norm name."""
+  if isinstance(norm, (int, float, np.integer, np.floating)) and not isinstance(norm, bool):
+    key = "inf" if np.isinf(norm) else str(int(norm)) if float(norm).is_integer() else None
+  elif isinstance(norm, str):
+    key = norm.strip().lower()
+  else:
+    key = None
+  if key not in _ALIASES:
+    raise ValueError(f"Unknown norm {norm!r}: expected one of {', '.join(NORMS)} "
+                     "(or inf, 2, 1, 0).")
+  return _ALIASES[key]
+
+
+def dual_norm(norm: str) -> str:
+  """The dual of an lp norm: linf <-> l1, l2 <-> l2."""
+  return {"linf": "l1", "l1": "linf", "l2": "l2"}[norm]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSet:
+  """A validated perturbation set around a batch ``x`` of shape (B, ...).
+
+  Attributes:
+    x: (B, ...) nominal inputs.
+    eps: radius broadcast to x's shape (B, ...); unused for l0.
+    norm: one of ``NORMS``.
+    k: number of changeable coordinates for l0 (None otherwise).
+    domain: optional (lo, hi) data box that the set is intersected with.
+  """
+  x: jax.Array
+  eps: jax.Array
+  norm: str
+  k: Optional[int] = None
+  domain: Optional[Tuple[float, float]] = None
+
+  def box(self) -> Tuple[jax.Array, jax.Array]:
+    """Element-wise (lower, upper) bounds of the set (the smallest enclosing box)."""
+    if self.norm == "l0":
+      lo, hi = (0.0, 1.0) if self.domain is None else self.domain
+      lower, upper = jnp.full_like(self.x, lo), jnp.full_like(self.x, hi)
+      # A coordinate that is not changed stays at x; the box must contain it too.
+      return jnp.minimum(lower, self.x), jnp.maximum(upper, self.x)
+    lower, upper = self.x - self.eps, self.x + self.eps
+    if self.domain is not None:
+      lower = jnp.clip(lower, self.domain[0], self.domain[1])
+      upper = jnp.clip(upper, self.domain[0], self.domain[1])
+      # Keep the nominal point inside even if it lies outside the domain.
+      lower, upper = jnp.minimum(lower, self.x), jnp.maximum(upper, self.x)
+    return lower, upper
+
+
+def _is_concrete(value) -> bool:
+  return not isinstance(value, jax.core.Tracer)
+
+
+def make_input_set(x, eps, norm="linf", k=None, domain=None) -> InputSet:
+  """Validates arguments and builds an :class:`InputSet`.
+
+  Args:
+    x: (B, ...) floating inputs, batch axis first.
+    eps: scalar, (B,) per example, or (for linf) x's shape per element. Must be >= 0.
+    norm: linf, l2, l1 or l0 (aliases accepted, see :func:`canonical_norm`).
+    k: for l0, a positive integer number of coordinates that may change.
+    domain: None or (lo, hi) with lo < hi.
+
+  Raises:
+    ValueError: naming the offending argument.
+  """
+  norm = canonical_norm(norm)
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"x must have a leading batch axis; got shape {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"x must be a floating-point array; got dtype {x.dtype}.")
+  if norm == "l0":
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+      raise ValueError(f"norm='l0' needs k, a positive integer number of changed "
+                       f"coordinates; got k={k!r}.")
+    k = int(k)
+    eps_b = jnp.zeros_like(x)
+  else:
+    if k is not None:
+      raise ValueError(f"k is only used with norm='l0'; got k={k!r} with norm={norm!r}.")
+    if eps is None:
+      raise ValueError("eps is required.")
+    eps = jnp.asarray(eps, dtype=x.dtype)
+    if _is_concrete(eps) and bool(np.any(np.asarray(eps) < 0)):
+      raise ValueError(f"eps must be >= 0; got {np.asarray(eps).min()}.")
+    if _is_concrete(eps) and not bool(np.all(np.isfinite(np.asarray(eps)))):
+      raise ValueError("eps must be finite.")
+    if eps.ndim == 0:
+      eps_b = jnp.broadcast_to(eps, x.shape)
+    elif eps.shape == (x.shape[0],):
+      eps_b = jnp.broadcast_to(eps.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
+    elif eps.shape == x.shape and norm == "linf":
+      eps_b = eps
+    else:
+      raise ValueError(f"eps must be a scalar or have shape (B,)={x.shape[:1]}"
+                       f"{' or x.shape' if norm == 'linf' else ''}; got {eps.shape} "
+                       f"for x of shape {x.shape}.")
+  if domain is not None:
+    try:
+      lo, hi = (float(domain[0]), float(domain[1]))
+    except (TypeError, IndexError, ValueError):
+      raise ValueError(f"domain must be None or a pair (lo, hi); got {domain!r}.") from None
+    if not lo < hi:
+      raise ValueError(f"domain must satisfy lo < hi; got {domain!r}.")
+    domain = (lo, hi)
+  return InputSet(x=x, eps=eps_b, norm=norm, k=k, domain=domain)

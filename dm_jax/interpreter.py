@@ -1,0 +1,123 @@
+"""Read-only interpretation of a traced model, one primitive at a time.
+
+The model ``apply_fn(params, x)`` is traced to a jaxpr once (at trace time, so it costs
+nothing per step under ``jax.jit``) and walked equation by equation. Values that do not
+depend on the perturbed input (weights, constants, anything computed only from them) are
+evaluated with the primitive itself; values that do are *abstract* and handed to a
+domain's rule. Calls (``jit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``,
+``remat``) are interpreted recursively, so ``jax.nn.relu`` arrives as ``max(x, 0)``.
+
+This module is the only place that touches JAX's jaxpr types (through ``jax.extend``);
+it never rewrites a jaxpr.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Sequence
+
+import jax
+from jax.extend import core as jex_core
+
+# Call-like primitives whose body is interpreted recursively, and the parameter names
+# under which they keep it. (Loops and conditionals such as scan/cond also carry jaxprs
+# but are not calls; they are bound directly when constant and unsupported otherwise.)
+CALL_PRIMITIVES = frozenset({
+    "jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+    "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint", "named_call"})
+_CALL_BODY_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def trace(apply_fn: Callable, params: Any, x: jax.Array):
+  """Traces ``apply_fn(params, x)``.
+
+  Returns:
+    (closed_jaxpr, param_leaves): the jaxpr takes ``*param_leaves, x`` and returns the
+    flat outputs.
+
+  Raises:
+    ValueError: if tracing fails (typically an input of the wrong shape) or the model
+      does not return exactly one array.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+
+  def flat_fn(*args):
+    return apply_fn(jax.tree_util.tree_unflatten(treedef, args[:-1]), args[-1])
+
+  try:
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves, x)
+  except (TypeError, ValueError, IndexError) as err:
+    raise ValueError(
+        f"apply_fn(params, x) failed for x of shape {tuple(x.shape)} and dtype {x.dtype}; "
+        f"is the input shape the one the model was built for? ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+  if not isinstance(out_shape, jax.ShapeDtypeStruct):
+    raise ValueError("apply_fn(params, x) must return a single array of logits; got "
+                     f"{jax.tree_util.tree_structure(out_shape)}.")
+  return closed, leaves
+
+
+def body_of(eqn) -> Any:
+  """The (Closed)Jaxpr body of a call-like equation, or None."""
+  if eqn.primitive.name not in CALL_PRIMITIVES:
+    return None
+  for name in _CALL_BODY_PARAMS:
+    body = eqn.params.get(name)
+    if isinstance(body, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+      return body
+  return None
+
+
+def _split(body):
+  if isinstance(body, jex_core.ClosedJaxpr):
+    return body.jaxpr, list(body.consts)
+  return body, []
+
+
+def live_equations(jaxpr) -> List[Any]:
+  """The equations that contribute to the outputs (dead code removed), in order."""
+  needed = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
+  keep = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars) or eqn.effects:
+      keep.append(eqn)
+      needed.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+  return keep[::-1]
+
+
+def interpret(body, args: Sequence[Any], is_abstract: Callable[[Any], bool],
+              rule: Callable[[Any, List[Any]], List[Any]]) -> List[Any]:
+  """Evaluates a (Closed)Jaxpr on a mix of concrete and abstract values.
+
+  Args:
+    body: the jaxpr.
+    args: one value per input variable: an array (or tracer) or an abstract value.
+    is_abstract: tells abstract values apart from arrays.
+    rule: ``rule(eqn, invals) -> outvals`` for a non-call equation with at least one
+      abstract input.
+
+  Returns:
+    One value per output variable.
+  """
+  jaxpr, consts = _split(body)
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  for var, val in zip(jaxpr.constvars, consts):
+    env[var] = val
+  for var, val in zip(jaxpr.invars, args):
+    env[var] = val
+  for eqn in live_equations(jaxpr):
+    invals = [read(v) for v in eqn.invars]
+    sub = body_of(eqn)
+    if sub is not None:
+      outvals = interpret(sub, invals, is_abstract, rule)
+    elif any(is_abstract(v) for v in invals):
+      outvals = rule(eqn, invals)
+    else:
+      out = eqn.primitive.bind(*invals, **eqn.params)
+      outvals = list(out) if eqn.primitive.multiple_results else [out]
+    for var, val in zip(eqn.outvars, outvals):
+      if not isinstance(var, jex_core.DropVar):
+        env[var] = val
+  return [read(v) for v in jaxpr.outvars]
