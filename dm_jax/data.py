@@ -50,7 +50,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import io
-import math
 import os
 import re
 import tempfile
@@ -595,6 +594,8 @@ def _decode_image_zip(spec: DatasetSpec, zpath: Path) -> dict[str, np.ndarray]:
             if info.is_dir():
                 continue
             parts = info.filename.split("/")
+            if parts[0] == "__MACOSX" or parts[-1].startswith("._"):
+                continue  # resource forks added by macOS archivers
             if (len(parts) >= 3 and parts[-3] in ("train", "test")
                     and Path(parts[-1]).suffix.lower() in IMAGE_EXTENSIONS):
                 prefixes.add("/".join(parts[:-3]))
@@ -822,7 +823,7 @@ def _not_found_message(spec: DatasetSpec, root: Path | None, from_env: bool,
         origin = f"${DATA_DIR_ENV}" if from_env else "data_dir"
         lines.append(f"  Looked in ({origin}={root}):")
         lines.extend(f"    - {p}" for p in looked_in)
-    lines.append(f"  TensorFlow Datasets fallback: {tfds_error}")
+    lines.append(f"  TensorFlow Datasets fallback failed: {tfds_error}")
     lines.append(
         f"  To provide the data, pass --data_dir (data_dir=...) or set {DATA_DIR_ENV} to a "
         f"directory containing {spec.name}.npz in Keras layout (uint8 x_train {shape}, "

@@ -326,8 +326,14 @@ def input_value(iset: InputSet, domain: ForwardDomain):
   return InputAffine(iset.x, scale, iset.x)
 
 
-def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain):
+def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain,
+              recorder: Optional[Callable] = None):
   """Runs ``apply_fn(params, x)`` in ``domain`` over the input set.
+
+  Args:
+    recorder: optional ``recorder(eqn, invals, outval)`` called for every equation
+      that depends on the input, with the abstract values as the domain saw them (the
+      linear domain uses it to build its tape).
 
   Returns:
     (output, relu_inputs): the output :class:`Abstract` and a list with the abstract
@@ -337,6 +343,12 @@ def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain):
   relu_inputs: List[Abstract] = []
 
   def rule(eqn, invals):
+    outvals = _rule(eqn, invals)
+    if recorder is not None:
+      recorder(eqn, invals, outvals[0])
+    return outvals
+
+  def _rule(eqn, invals):
     if any(isinstance(v, InputAffine) for v in invals):
       out = symbolic_rule(eqn, invals, iset, domain)
       if out is not None:
@@ -355,8 +367,10 @@ def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain):
     raise UnsupportedPrimitiveError(name, domain.name)
 
   is_abstract = lambda v: isinstance(v, (Abstract, InputAffine))
-  (out,) = interpreter.interpret(closed, list(leaves) + [input_value(iset, domain)],
-                                 is_abstract, rule)
+  start = input_value(iset, domain)
+  if recorder is not None:
+    recorder(None, [], start)
+  (out,) = interpreter.interpret(closed, list(leaves) + [start], is_abstract, rule)
   if isinstance(out, InputAffine):
     out = box_of_symbolic(out, iset, domain)
   elif not isinstance(out, Abstract):  # the output does not depend on the input

@@ -1,0 +1,436 @@
+"""Linear (CROWN-family) bounds over the traced model: CNN-Cert-ReLU/-Ada/-Zero, IBP
+with the specification folded into the last affine layer, and CROWN-IBP.
+
+A forward interval pass (:mod:`dm_jax.propagation`) records a *tape*: one entry per
+input-dependent equation, with the interval of every value. Bounds of ``C f(x)`` are then
+computed by a backward pass that carries coefficients ``A`` of shape (B, R, *value_shape)
+from the output to the input:
+
+* affine equations: ``A`` goes through the transpose of the equation's linear part
+  (``jax.linear_transpose`` of the primitive itself, vmapped over the R rows, so a
+  convolution stays a convolution) and the bias part adds ``<A, bias>`` to the offset;
+* ReLU ``y = max(x, 0)`` with pre-activation bounds ``l < 0 < u``: the upper line through
+  ``(l, 0)`` and ``(u, u)`` and a lower line ``alpha x`` whose slope is the method's:
+  ``u / (u - l)`` (fastlin = CNN-Cert-ReLU), ``1[u >= -l]`` (crown = CNN-Cert-Ada),
+  ``0`` (zero = CNN-Cert-Zero);
+* max pooling: lower bound by the window element with the largest lower bound, upper bound
+  by that element when it dominates the window, else by the window's largest upper bound
+  (the DeepPoly relaxation);
+* at the input, ``min A x' + c`` over the set in closed form: ``A x + c - eps ||A||_q`` or
+  the top-k sum for l0; with a data box, the exact box minimum for l-inf.
+
+Intermediate pre-activation bounds are computed layer by layer with the same method
+(identity specification over the layer's neurons, in chunks to bound memory), or taken
+from the interval pass (``intermediate="ibp"``, i.e. CROWN-IBP). ``method="ibp"`` stops
+the backward pass at the last nonlinearities and uses their intervals there: IBP with the
+specification folded into the last affine layer (Gowal et al.'s tighter form).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dm_jax import propagation
+from dm_jax.errors import UnsupportedPrimitiveError
+from dm_jax.input_sets import InputSet, make_input_set
+from dm_jax.interval import Bounds, IntervalDomain
+from dm_jax.propagation import Abstract, InputAffine
+
+_METHOD_ALIASES = {
+    "fastlin": "fastlin", "relu": "fastlin", "cnn-cert-relu": "fastlin",
+    "cnn_cert_relu": "fastlin", "convex": "fastlin",
+    "crown": "crown", "ada": "crown", "cnn-cert-ada": "crown", "cnn_cert_ada": "crown",
+    "deeppoly": "crown",
+    "zero": "zero", "cnn-cert-zero": "zero", "cnn_cert_zero": "zero",
+    "ibp": "ibp", "interval": "ibp",
+    "crown_ibp": "crown_ibp", "crown-ibp": "crown_ibp",
+}
+METHODS = ("fastlin", "crown", "zero", "ibp", "crown_ibp")
+
+# Default memory budget for one chunk of identity-specification rows (bytes).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def canonical_method(method: str) -> str:
+  key = str(method).strip().lower()
+  if key not in _METHOD_ALIASES:
+    raise ValueError(f"Unknown bound method {method!r}; expected one of "
+                     f"{', '.join(METHODS)} (aliases: relu, ada, cnn-cert-relu, ...).")
+  return _METHOD_ALIASES[key]
+
+
+# ------------------------------------------------------------------------------ tape
+
+@dataclasses.dataclass
+class Entry:
+  """One input-dependent equation: its primitive, operands and output node."""
+  eqn: Any
+  refs: List[Tuple[str, Any]]  # ("node", index) or ("const", value)
+  out: int
+  kind: str  # "affine", "relu", "maxpool"
+  relu_const: Any = None  # the constant c of max(x, c)
+
+
+@dataclasses.dataclass
+class Tape:
+  entries: List[Entry]
+  values: List[Any]  # per node: Abstract (interval) or InputAffine
+  iset: InputSet
+  output: int
+
+
+def _classify(eqn, invals) -> Tuple[str, Any]:
+  name = eqn.primitive.name
+  if name in propagation.AFFINE_PRIMITIVES:
+    return "affine", None
+  if name == "max" and len(invals) == 2:
+    is_abs = [isinstance(v, (Abstract, InputAffine)) for v in invals]
+    if sum(is_abs) == 1:
+      return "relu", invals[1 - is_abs.index(True)]
+  if name == "reduce_window_max":
+    return "maxpool", None
+  raise UnsupportedPrimitiveError(name, "linear (CROWN-family)")
+
+
+def record_tape(apply_fn, params, iset: InputSet) -> Tape:
+  """Interval pass over the model that records every input-dependent equation."""
+  values: List[Any] = []
+  index: Dict[int, int] = {}
+  entries: List[Entry] = []
+
+  def recorder(eqn, invals, outval):
+    index[id(outval)] = len(values)
+    values.append(outval)
+    if eqn is None:  # the input
+      return
+    kind, const = _classify(eqn, invals)
+    refs = [("node", index[id(v)]) if isinstance(v, (Abstract, InputAffine))
+            else ("const", v) for v in invals]
+    entries.append(Entry(eqn, refs, index[id(outval)], kind, const))
+
+  out, _ = propagation.propagate(apply_fn, params, iset, IntervalDomain(), recorder)
+  if id(out) not in index:  # the output does not depend on the input
+    raise ValueError("The model's output does not depend on its input; nothing to bound.")
+  return Tape(entries, values, iset, index[id(out)])
+
+
+def _interval(tape: Tape, node: int) -> Tuple[jax.Array, jax.Array]:
+  value = tape.values[node]
+  if isinstance(value, InputAffine):
+    value = propagation.box_of_symbolic(value, tape.iset, IntervalDomain())
+  (c,), (r,) = value.centres, value.radii
+  return c - r, c + r
+
+
+# --------------------------------------------------------------------- relaxations
+
+def _relu_relaxation(l, u, c, method):
+  """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``."""
+  lc, uc = l - c, u - c
+  active, inactive = lc >= 0, uc <= 0
+  unstable = ~(active | inactive)
+  denom = jnp.where(unstable, uc - lc, 1.0)
+  slope = jnp.where(unstable, uc / denom, active.astype(l.dtype))
+  up_b_rel = jnp.where(unstable, -slope * lc, 0.0)
+  if method == "fastlin":
+    alpha = slope
+  elif method == "crown":
+    alpha = jnp.where(unstable, (uc >= -lc).astype(l.dtype), slope)
+  else:  # zero
+    alpha = jnp.where(unstable, 0.0, slope)
+  # y - c = relu(x - c): shift back by c.
+  return alpha, c - alpha * c, slope, up_b_rel + c - slope * c
+
+
+def _window_slices(eqn, t, fill):
+  """The K elements of every pooling window of ``t``: list of arrays of the out shape."""
+  p = eqn.params
+  if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
+    raise UnsupportedPrimitiveError("reduce_window_max", "linear (CROWN-family)",
+                                    "dilated pooling")
+  t = lax.pad(t, jnp.asarray(fill, t.dtype), [(lo, hi, 0) for lo, hi in p["padding"]])
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  slices = []
+  for offset in np.ndindex(*p["window_dimensions"]):
+    limit = [o + (n - 1) * s + 1 for o, n, s in zip(offset, out_shape, p["window_strides"])]
+    slices.append(lax.slice(t, offset, limit, p["window_strides"]))
+  return slices
+
+
+# ------------------------------------------------------------------ backward pass
+
+def _sum_rows(a, b):
+  """<a, b> over the value axes: a (B, R, *S), b (B, *S) -> (B, R)."""
+  return jnp.sum(a * b[:, None], axis=tuple(range(2, a.ndim)))
+
+
+def _transpose_rows(fn, A, primal):
+  """Applies the transpose of linear ``fn`` (on ``primal``-shaped inputs) to each row."""
+  t = jax.linear_transpose(fn, primal)
+  return jax.vmap(lambda a: t(a)[0], in_axes=1, out_axes=1)(A)
+
+
+_ZERO_OTHERS = frozenset({"add", "add_any", "sub", "concatenate", "pad"})
+
+
+def _affine_backward(entry: Entry, A, env_const):
+  """Returns ([(node, A_node)], offset (B, R)) for an affine entry."""
+  eqn = entry.eqn
+  name = eqn.primitive.name
+  nodes = [(i, r[1]) for i, r in enumerate(entry.refs) if r[0] == "node"]
+  primals = {i: env_const(node) for i, node in nodes}
+
+  def operand(j, i, t):
+    kind, val = entry.refs[j]
+    if j == i:
+      return t
+    if kind == "node":
+      return jnp.zeros_like(primals[j])
+    if name in _ZERO_OTHERS or (name == "select_n" and j > 0):
+      return jnp.zeros_like(val)
+    return val
+
+  out = []
+  for i, node in nodes:
+    fn = lambda t, i=i: eqn.primitive.bind(
+        *[operand(j, i, t) for j in range(len(entry.refs))], **eqn.params)
+    out.append((node, _transpose_rows(fn, A, primals[i])))
+  bias = eqn.primitive.bind(
+      *[jnp.zeros_like(primals[j]) if r[0] == "node" else r[1]
+        for j, r in enumerate(entry.refs)], **eqn.params)
+  offset = _sum_rows(A, bias) if name not in ("mul", "dot_general",
+                                              "conv_general_dilated", "div") else None
+  return out, offset
+
+
+def _concretize_input(A, offset, iset: InputSet):
+  """min over the input set of ``<A, x'> + offset``: (B, R)."""
+  axes = tuple(range(2, A.ndim))
+  x = iset.x
+  if iset.norm == "linf":
+    lower, upper = iset.box()
+    return (jnp.sum(jnp.maximum(A, 0) * lower[:, None] + jnp.minimum(A, 0) * upper[:, None],
+                    axis=axes) + offset)
+  centre = _sum_rows(A, x) + offset
+  eps = iset.eps.reshape(x.shape[0], -1)[:, :1]  # per-example radius (B, 1)
+  flat = A.reshape(A.shape[:2] + (-1,))
+  if iset.norm == "l2":
+    return centre - eps * jnp.sqrt(jnp.sum(flat * flat, axis=-1) + propagation._TINY)
+  if iset.norm == "l1":
+    return centre - eps * jnp.max(jnp.abs(flat), axis=-1)
+  lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
+  xf = x.reshape(x.shape[0], 1, -1)
+  decrease = jnp.maximum(-jnp.minimum(flat * (hi - xf), flat * (lo - xf)), 0.0)
+  return centre - propagation._topk_sum(decrease, iset.k)
+
+
+def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
+             stop_nodes: Optional[Dict[int, Tuple]] = None):
+  """Lower bound of ``<A, value(target)>`` over the input set.
+
+  Args:
+    tape: the recorded model.
+    target: node index.
+    A: (B, R, *shape(target)) coefficients.
+    bounds: pre-activation bounds {node: (l, u)} for every nonlinearity input needed.
+    method: fastlin | crown | zero (ReLU lower slope).
+    stop_nodes: {node: (l, u)}: concretize there with the interval instead of going on
+      (IBP with folded specification).
+
+  Returns:
+    (B, R) lower bounds.
+  """
+  coeffs = {target: A}
+  offset = jnp.zeros(A.shape[:2], A.dtype)
+  stop_nodes = stop_nodes or {}
+
+  def add(node, a):
+    coeffs[node] = coeffs[node] + a if node in coeffs else a
+
+  nominal = lambda node: _interval(tape, node)[0]
+  for entry in reversed(tape.entries):
+    if entry.out > target or entry.out not in coeffs:
+      continue
+    if entry.out in stop_nodes:
+      continue
+    A_out = coeffs.pop(entry.out)
+    if entry.kind == "affine":
+      pulled, bias_term = _affine_backward(entry, A_out, nominal)
+      for node, a in pulled:
+        add(node, a)
+      if bias_term is not None:
+        offset = offset + bias_term
+      continue
+    (_, node) = next(r for r in entry.refs if r[0] == "node")
+    l, u = bounds[node]
+    pos, neg = jnp.maximum(A_out, 0), jnp.minimum(A_out, 0)
+    if entry.kind == "relu":
+      c = jnp.broadcast_to(jnp.asarray(entry.relu_const, l.dtype), l.shape)
+      lo_s, lo_b, up_s, up_b = _relu_relaxation(l, u, c, method)
+      add(node, pos * lo_s[:, None] + neg * up_s[:, None])
+      offset = offset + _sum_rows(pos, lo_b) + _sum_rows(neg, up_b)
+    else:  # maxpool
+      lows = _window_slices(entry.eqn, l, -jnp.inf)
+      ups = _window_slices(entry.eqn, u, -jnp.inf)
+      best = jnp.argmax(jnp.stack(lows), axis=0)  # element with the largest lower bound
+      onehots = [(best == j).astype(l.dtype) for j in range(len(lows))]
+      best_low = sum(o * lo for o, lo in zip(onehots, lows))
+      others_up = [jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)]
+      dominated = (best_low >= jnp.max(jnp.stack(others_up), axis=0)).astype(l.dtype)
+      max_up = jnp.max(jnp.stack(ups), axis=0)
+      select = lambda t: sum(o * s for o, s in zip(onehots, _window_slices(entry.eqn, t, 0.0)))
+      add(node, _transpose_rows(select, pos + neg * dominated[:, None], l))
+      offset = offset + _sum_rows(neg, (1 - dominated) * max_up)
+  lower = offset
+  for node, a in coeffs.items():
+    if node in stop_nodes:
+      l, u = stop_nodes[node]
+      lower = lower + _sum_rows(jnp.maximum(a, 0), l) + _sum_rows(jnp.minimum(a, 0), u)
+    elif node == 0:
+      lower = lower + _concretize_input(a, jnp.zeros_like(offset), tape.iset)
+    else:  # pragma: no cover - every path ends at the input or a stop node
+      raise AssertionError(f"coefficients left at node {node}")
+  return lower
+
+
+# ---------------------------------------------------------- intermediate bounds
+
+def _exact_forward_nodes(tape: Tape) -> set:
+  """Nodes whose interval is already exact: reached from the input by one chain with at
+  most one linear map with weights (and element-wise affine/structural steps)."""
+  depth = {0: 0}
+  for e in tape.entries:
+    nodes = [r[1] for r in e.refs if r[0] == "node"]
+    if e.kind != "affine" or len(nodes) != 1 or nodes[0] not in depth:
+      continue
+    name = e.eqn.primitive.name
+    weights = 1 if name in ("dot_general", "conv_general_dilated") else 0
+    if name in ("reduce_sum", "reduce_window_sum", "cumsum", "broadcast_in_dim"):
+      weights = 1  # sums of several inputs are linear maps too
+    d = depth[nodes[0]] + weights
+    if d <= 1:
+      depth[e.out] = d
+  return set(depth)
+
+
+def _identity_bounds(tape, node, bounds, method, chunk_bytes):
+  """(l, u) of every element of ``node`` by backward passes, chunked by neurons."""
+  value_lo, _ = _interval(tape, node)
+  batch, shape = value_lo.shape[0], value_lo.shape[1:]
+  n = int(np.prod(shape))
+  widest = max(int(np.prod(np.shape(_interval(tape, i)[0])[1:])) for i in range(node + 1))
+  chunk = max(1, min(n, chunk_bytes // max(1, batch * 2 * widest * 4)))
+  n_chunks = math.ceil(n / chunk)
+
+  def one_chunk(start):
+    rows = jax.nn.one_hot(start + jnp.arange(chunk), n, dtype=value_lo.dtype)
+    rows = rows.reshape((chunk,) + shape)
+    A = jnp.broadcast_to(jnp.concatenate([rows, -rows])[None], (batch, 2 * chunk) + shape)
+    low = backward(tape, node, A, bounds, method)
+    return low[:, :chunk], -low[:, chunk:]
+
+  if n_chunks == 1:
+    lo, up = one_chunk(0)
+  else:
+    lo, up = lax.map(one_chunk, jnp.arange(n_chunks) * chunk)
+    lo = jnp.moveaxis(lo, 0, 1).reshape(batch, -1)
+    up = jnp.moveaxis(up, 0, 1).reshape(batch, -1)
+  return lo[:, :n].reshape(value_lo.shape), up[:, :n].reshape(value_lo.shape)
+
+
+def intermediate_bounds(tape: Tape, method: str, intermediate: str,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Dict[int, Tuple]:
+  """Bounds of every nonlinearity input: {node: (lower, upper)}."""
+  bounds: Dict[int, Tuple] = {}
+  exact = _exact_forward_nodes(tape) if intermediate == "linear" else set()
+  for e in tape.entries:
+    if e.kind == "affine":
+      continue
+    node = next(r[1] for r in e.refs if r[0] == "node")
+    if node in bounds:
+      continue
+    if intermediate == "ibp" or node in exact:
+      bounds[node] = _interval(tape, node)
+    else:
+      lo, up = _identity_bounds(tape, node, bounds, method, chunk_bytes)
+      ibp_lo, ibp_up = _interval(tape, node)
+      del ibp_lo, ibp_up  # textbook CNN-Cert: no intersection with IBP (see WORKSPACE.md)
+      bounds[node] = (lo, up)
+  return bounds
+
+
+# ------------------------------------------------------------------------ public
+
+def margin_spec(y, num_classes: int, dtype=jnp.float32):
+  """Rows ``e_y - e_j`` for every class j: (B, K, K); row y is zero."""
+  eye = jnp.eye(num_classes, dtype=dtype)
+  return eye[y][:, None, :] - eye[None, :, :]
+
+
+def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="crown",
+                  intermediate: Optional[str] = None, k=None, domain=None,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Bounds:
+  """Sound bounds of ``spec @ f(x')`` over the input set.
+
+  Args:
+    apply_fn, params: the model ``(params, x) -> (B, K) logits``.
+    x: (B, ...) nominal inputs; eps, norm, k, domain: the input set (see
+      :func:`dm_jax.input_sets.make_input_set`).
+    spec: (B, R, K) or (R, K) rows; default the identity (per-logit bounds).
+    method: fastlin (CNN-Cert-ReLU), crown (CNN-Cert-Ada), zero (CNN-Cert-Zero), ibp
+      (interval bounds with the spec folded into the last affine layer) or crown_ibp.
+    intermediate: "linear" (layer by layer with the same method; default for
+      fastlin/crown/zero) or "ibp" (interval intermediates; default for crown_ibp).
+    chunk_bytes: memory budget of one chunk of intermediate-bound rows.
+
+  Returns:
+    Bounds with (B, R) lower and upper.
+  """
+  method = canonical_method(method)
+  iset = make_input_set(x, eps, norm, k, domain)
+  tape = record_tape(apply_fn, params, iset)
+  out_lo, _ = _interval(tape, tape.output)
+  batch, num = out_lo.shape[0], int(np.prod(out_lo.shape[1:]))
+  if spec is None:
+    spec = jnp.eye(num, dtype=out_lo.dtype)
+  spec = jnp.asarray(spec, out_lo.dtype)
+  if spec.ndim == 2:
+    spec = jnp.broadcast_to(spec[None], (batch,) + spec.shape)
+  if spec.ndim != 3 or spec.shape[0] != batch or spec.shape[2] != num:
+    raise ValueError(f"spec must have shape (B, R, K) = ({batch}, R, {num}) or (R, K); "
+                     f"got {tuple(spec.shape)}.")
+  A = jnp.concatenate([spec, -spec], axis=1).reshape((batch, -1) + out_lo.shape[1:])
+  R = spec.shape[1]
+  if method == "ibp":
+    stops = {e.out: _interval(tape, e.out) for e in tape.entries if e.kind != "affine"}
+    low = backward(tape, tape.output, A, {}, "crown", stop_nodes=stops)
+  else:
+    relax = "crown" if method == "crown_ibp" else method
+    if intermediate is None:
+      intermediate = "ibp" if method == "crown_ibp" else "linear"
+    if intermediate not in ("linear", "ibp"):
+      raise ValueError(f"intermediate must be 'linear' or 'ibp'; got {intermediate!r}.")
+    bounds = intermediate_bounds(tape, relax, intermediate, chunk_bytes)
+    low = backward(tape, tape.output, A, bounds, relax)
+  return Bounds(low[:, :R], -low[:, R:])
+
+
+def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="crown",
+                        intermediate=None, k=None, domain=None,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+  """Lower bounds of ``f_y(x') - f_j(x')`` over the set: (B, K), 0 at j == y."""
+  y = jnp.asarray(y)
+  x = jnp.asarray(x)
+  if y.shape != x.shape[:1]:
+    raise ValueError(f"y must have shape (B,) = {x.shape[:1]}; got {y.shape}.")
+  num_classes = jax.eval_shape(lambda: apply_fn(params, x)).shape[-1]
+  spec = margin_spec(y, num_classes, x.dtype)
+  b = linear_bounds(apply_fn, params, x, eps, norm, spec=spec, method=method,
+                    intermediate=intermediate, k=k, domain=domain, chunk_bytes=chunk_bytes)
+  return b.lower

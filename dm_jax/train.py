@@ -1,0 +1,528 @@
+"""The training loop: jit-compiled train step, per-epoch metrics, exact resume.
+
+* :class:`TrainConfig` holds every setting (all are flags of ``experiments/``).
+* :func:`create_train_state` builds the :class:`TrainState` pytree: params, Adam state
+  (optionally behind ``clip_by_global_norm``), step, PRNG key and pruning masks.
+* :func:`make_train_step` compiles ONE step function: eps, lambda, kappa and the
+  learning rate are computed inside from ``state.step`` with :mod:`dm_jax.schedules`,
+  and batches have a static shape (``drop_remainder``), so it compiles once per run.
+* :func:`train` runs epochs over ``data.batches(x, y, batch_size, seed, epoch)``,
+  writes per-epoch metrics as JSON lines to ``workdir/metrics.jsonl`` and checkpoints
+  with orbax (:mod:`dm_jax.checkpoint`) every ``checkpoint_every_steps`` steps and at
+  the end. ``resume=True`` restores the latest checkpoint and continues exactly: the
+  epoch's permutation is recomputed from ``(seed, epoch)`` and the batches already done
+  are skipped; the RNG key lives in the state.
+* A non-finite loss or parameter raises ``FloatingPointError`` naming the step, before
+  anything is saved, so the last good checkpoint is untouched.
+
+Choices (documented here and in the report):
+* Magnitude pruning (method option ``prune``): masks are all ones until
+  ``prune_step`` (default: the end of the eps ramp); at that step the loop calls
+  ``methods.prune_small_weights(params, prune_threshold)`` and from then on every update
+  is followed by ``methods.apply_masks``.
+* CIFAR normalisation is part of ``apply_fn`` (``(x - mean) / std`` before the model),
+  so bounds see it and eps stays in pixel units.
+* The per-epoch "IBP-certified accuracy" (``ibp_cert_acc``) on ``eval_cert_points``
+  seeded random test points uses interval bounds with the margin specification folded
+  into the last affine layer (``linear.margin_lower_bounds(method="ibp")``, SPEC's
+  convention); if that module is missing, the looser logit-interval check
+  ``lower[y] > upper[j]`` from :func:`dm_jax.interval_bounds`. Both are sound. The DM
+  margin statistics ``dm_s_mean``/``dm_v_mean`` are the mean output s and v there.
+  Paper-style tables come from :mod:`dm_jax.certify`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dm_jax import data as data_lib
+from dm_jax import schedules
+from dm_jax.models import get_model
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything that defines a run. ``None`` means "the dataset's default"."""
+  dataset: str = "mnist"
+  arch: str = "small"
+  method: str = "dm"
+  norm: str = "linf"
+  l1: float = 0.0
+  prune: bool = False
+  adv: bool = False
+  lam_form: str = "paper"
+  method_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  eps_train: float = 0.3
+  epochs: int = 100
+  batch_size: int = 100
+  lr: float = 5e-4
+  lr_decay: float = 0.1
+  lr_boundaries: Optional[Tuple[int, ...]] = None    # None: dataset default, scaled
+  eps_schedule: Optional[Tuple[int, int]] = None     # (warmup_end, ramp_end) steps
+  lam_final: Optional[float] = None                  # None: schedules.default_lam_final
+  kappa_final: float = 0.5
+  seed: int = 0
+  workdir: Optional[str] = None
+  checkpoint_every_steps: int = 1000
+  max_to_keep: int = 3
+  grad_clip: float = 0.0                             # 0: no clipping
+  ensemble: int = 1
+  num_classes: Optional[int] = None                  # None: from the dataset
+  normalize: bool = False                            # per-channel (CIFAR) in apply_fn
+  mean: Optional[Tuple[float, ...]] = None
+  std: Optional[Tuple[float, ...]] = None
+  augment: bool = False                              # pad-4 crop + flip (CIFAR)
+  max_train_examples: Optional[int] = None
+  log_every: int = 50
+  eval_cert_points: int = 256
+  eval_test_examples: Optional[int] = None           # None: the whole test split
+  eval_batch_size: int = 500
+  prune_threshold: float = 1e-3
+  prune_step: Optional[int] = None                   # None: end of the eps ramp
+  progress: bool = True
+
+  def to_json(self) -> Dict[str, Any]:
+    out = dataclasses.asdict(self)
+    for k, v in out.items():
+      if isinstance(v, tuple):
+        out[k] = list(v)
+    return out
+
+  def validate(self) -> None:
+    if not isinstance(self.epochs, int) or self.epochs <= 0:
+      raise ValueError(f"epochs must be a positive integer; got {self.epochs!r}.")
+    if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+      raise ValueError(f"batch_size must be a positive integer; got {self.batch_size!r}.")
+    if not (self.eps_train >= 0 and math.isfinite(self.eps_train)):
+      raise ValueError(f"eps must be >= 0; got {self.eps_train!r}.")
+    if not self.lr > 0:
+      raise ValueError(f"lr must be > 0; got {self.lr!r}.")
+    if self.checkpoint_every_steps < 0:
+      raise ValueError("checkpoint_every_steps must be >= 0.")
+    if self.grad_clip < 0:
+      raise ValueError(f"grad_clip must be >= 0; got {self.grad_clip!r}.")
+    if self.ensemble < 1:
+      raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
+    if self.max_train_examples is not None and self.max_train_examples <= 0:
+      raise ValueError("max_train_examples must be positive.")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """All of a run's mutable state (a pytree of arrays; checkpointed as a whole)."""
+  step: jax.Array          # int32 scalar: optimizer steps done
+  params: Any              # the model variables ({"params": ...})
+  opt_state: Any
+  key: jax.Array           # raw uint32 PRNG key, split once per step
+  masks: Any               # float32 ones-like params (pruning masks)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_apply_fn(config: TrainConfig, model) -> Callable:
+  """``(params, x) -> logits``; with ``normalize`` the per-channel normalisation is inside."""
+  if not config.normalize:
+    return model.apply
+  mean = np.asarray(config.mean if config.mean is not None else data_lib.CIFAR10_MEAN,
+                    np.float32)
+  std = np.asarray(config.std if config.std is not None else data_lib.CIFAR10_STD,
+                   np.float32)
+
+  def apply_fn(params, x):
+    return model.apply(params, (x - mean) / std)
+
+  return apply_fn
+
+
+def build_model(config: TrainConfig, num_classes: int):
+  model = get_model(config.arch, num_classes=num_classes, ensemble=config.ensemble)
+  return model, make_apply_fn(config, model)
+
+
+def make_optimizer(config: TrainConfig, sched: schedules.ResolvedSchedule):
+  adam = optax.adam(sched.learning_rate())
+  if config.grad_clip and config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)
+  return adam
+
+
+def create_train_state(config: TrainConfig, key, input_shape, *, model=None, tx=None,
+                       num_classes: Optional[int] = None) -> TrainState:
+  """Initialises params (N(0, 1/fan_in)), the optimizer state, step 0 and the key."""
+  if model is None:
+    model = get_model(config.arch, num_classes=num_classes or config.num_classes or 10,
+                      ensemble=config.ensemble)
+  if tx is None:
+    sched = schedules.resolve(config.dataset, 1 << 30, eps_final=config.eps_train,
+                              lam_final=1.0, lr=config.lr)
+    tx = make_optimizer(config, sched)
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  init_key, state_key = jax.random.split(key)
+  params = model.init(init_key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
+  params = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(params))
+  masks = jax.tree_util.tree_map(lambda p: jnp.ones_like(p, jnp.float32), params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), key=state_key, masks=masks)
+
+
+def canonical_method(name: str) -> str:
+  """``dm*`` / ``dm_star`` ("Double Margin *") is ``dm`` with final lambda 1."""
+  if name in ("dm*", "dm_star", "dmstar"):
+    return "dm"
+  return name
+
+
+def _get_method(config: TrainConfig):
+  from dm_jax import methods  # lazy: written concurrently by others
+  return methods.get_method(canonical_method(config.method), norm=config.norm, l1=config.l1,
+                            prune=config.prune, adv=config.adv, lam_form=config.lam_form,
+                            **config.method_kwargs)
+
+
+def _make_hyper(eps, lam, kappa):
+  from dm_jax import methods
+  return methods.Hyper(eps=eps, lam=lam, kappa=kappa)
+
+
+def _apply_masks(params, masks):
+  """``params * masks`` (the state's masks are full float 0/1 trees; ones = kept)."""
+  return jax.tree_util.tree_map(lambda p, m: p * m.astype(p.dtype), params, masks)
+
+
+def _tree_all_finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, tx,
+                    sched: schedules.ResolvedSchedule, *, make_hyper=None,
+                    prune: Optional[bool] = None):
+  """The jit-compiled ``train_step(state, x, y) -> (state, metrics)``.
+
+  ``loss_fn(params, apply_fn, x, y, hyper, key) -> (loss, metrics)`` is the method's
+  loss. eps, lambda and kappa come from the schedules at ``state.step``.
+  """
+  eps_s, lam_s, kappa_s, lr_s = sched.eps(), sched.lam(), sched.kappa(), sched.learning_rate()
+  make_hyper = make_hyper or _make_hyper
+  augment = config.augment
+  prune = config.prune if prune is None else prune
+
+  def train_step(state: TrainState, x, y):
+    key, aug_key, loss_key = jax.random.split(state.key, 3)
+    if augment:
+      x = data_lib.cifar_augment(aug_key, x)
+    step = state.step
+    hyper = make_hyper(eps_s(step), lam_s(step), kappa_s(step))
+
+    def objective(params):
+      return loss_fn(params, apply_fn, x, y, hyper, loss_key)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if prune:
+      params = _apply_masks(params, state.masks)
+    aux = dict(aux)
+    if "acc" in aux:  # the method's clean accuracy at the nominal inputs
+      acc = aux["acc"]
+    else:
+      logits = apply_fn(jax.lax.stop_gradient(state.params), x)
+      acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    metrics = {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in aux.items()}
+    metrics.update(loss=jnp.asarray(loss, jnp.float32), train_acc=acc,
+                   eps=hyper_value(hyper, "eps", eps_s(step)),
+                   lam=lam_s(step), kappa=kappa_s(step), lr=lr_s(step),
+                   grad_norm=optax.global_norm(grads),
+                   finite=jnp.isfinite(loss) & _tree_all_finite(params))
+    new_state = state.replace(step=step + 1, params=params, opt_state=opt_state, key=key)
+    return new_state, metrics
+
+  return jax.jit(train_step)
+
+
+def hyper_value(hyper, name, default):
+  return jnp.asarray(getattr(hyper, name, default), jnp.float32)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class Evaluator:
+  """Per-epoch evaluation: clean test accuracy, IBP-certified accuracy, DM margins."""
+
+  def __init__(self, config: TrainConfig, apply_fn, dataset):
+    from dm_jax.double_margin import double_margin
+    from dm_jax.interval import interval_bounds
+    self.config = config
+    n_test = dataset.num_test if config.eval_test_examples is None else min(
+        config.eval_test_examples, dataset.num_test)
+    self.x_test, self.y_test = dataset.x_test[:n_test], dataset.y_test[:n_test]
+    rng = np.random.default_rng([config.seed, 12345])
+    n_cert = min(config.eval_cert_points, dataset.num_test)
+    idx = np.sort(rng.choice(dataset.num_test, n_cert, replace=False)) if n_cert else []
+    self.x_cert, self.y_cert = dataset.x_test[idx], dataset.y_test[idx]
+    norm = config.norm
+
+    def logits_fn(params, x):
+      return apply_fn(params, x)
+
+    try:
+      from dm_jax.linear import margin_lower_bounds
+    except ImportError:  # pragma: no cover - linear.py is written concurrently
+      margin_lower_bounds = None
+
+    def cert_fn(params, x, y, eps):
+      if margin_lower_bounds is not None:
+        # IBP with the margin specification folded into the last affine layer.
+        lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp")
+        lb = jnp.where(jax.nn.one_hot(y, lb.shape[-1], dtype=bool), jnp.inf, lb)
+        certified = jnp.min(lb, axis=-1) > 0
+      else:  # plain logit intervals: lower[y] > upper[j] (looser, also sound)
+        b = interval_bounds(apply_fn, params, x, eps, norm)
+        lower_y = jnp.take_along_axis(b.lower, y[:, None], axis=-1)
+        others = jnp.where(jax.nn.one_hot(y, b.upper.shape[-1], dtype=bool), -jnp.inf,
+                           b.upper)
+        certified = lower_y[:, 0] > jnp.max(others, axis=-1)
+      correct = jnp.argmax(apply_fn(params, x), -1) == y
+      m = double_margin(apply_fn, params, x, eps, norm)
+      return (jnp.mean((certified & correct).astype(jnp.float32)),
+              jnp.mean(m.s), jnp.mean(m.v))
+
+    self._logits = jax.jit(logits_fn)
+    self._cert = jax.jit(cert_fn)
+
+  def test_accuracy(self, params) -> float:
+    bs = self.config.eval_batch_size
+    n = len(self.x_test)
+    correct = 0
+    for i in range(0, n, bs):
+      x = self.x_test[i:i + bs]
+      pad = bs - len(x)
+      if pad and n > bs:  # keep one compiled shape
+        x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+      pred = np.asarray(jnp.argmax(self._logits(params, x), -1))[:len(self.y_test[i:i + bs])]
+      correct += int(np.sum(pred == self.y_test[i:i + bs]))
+    return correct / max(n, 1)
+
+  def certified(self, params, eps: float) -> Tuple[float, float, float]:
+    if len(self.x_cert) == 0:
+      return float("nan"), float("nan"), float("nan")
+    acc, s, v = self._cert(params, self.x_cert, self.y_cert, jnp.float32(eps))
+    return float(acc), float(s), float(v)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _json_safe(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def _default_workdir(config: TrainConfig) -> str:
+  method = config.method.replace("*", "star")
+  return f"./runs/{config.dataset}_{method}_{config.arch}_eps{config.eps_train:g}"
+
+
+def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
+          callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
+          max_steps: Optional[int] = None, make_hyper=None):
+  """Trains ``config`` on ``dataset``; returns ``(state, history)``.
+
+  Args:
+    config: the run.
+    dataset: a :class:`dm_jax.data.Dataset`.
+    resume: continue from the latest checkpoint in ``workdir/checkpoints`` if any.
+    method: optional object with ``.loss`` (default: ``methods.get_method(config...)``).
+    callback: ``callback(step, metrics)`` after every step (after the finiteness
+      check and any checkpoint); an exception raised there aborts the run like a kill.
+    max_steps: stop (with a checkpoint) after this global step.
+    make_hyper: optional ``(eps, lam, kappa) -> hyper`` (default ``methods.Hyper``).
+
+  Returns:
+    The final :class:`TrainState` and the list of per-epoch metric dicts.
+
+  Raises:
+    FloatingPointError: a non-finite loss or parameter, naming the step.
+  """
+  from dm_jax.checkpoint import Checkpointer
+  config.validate()
+  if config.max_train_examples is not None and config.max_train_examples < dataset.num_train:
+    dataset = data_lib.subset(dataset, config.max_train_examples, None)
+  num_classes = config.num_classes or dataset.num_classes
+  steps_per_epoch = data_lib.num_batches(dataset.num_train, config.batch_size, True)
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {config.batch_size} is larger than the training set "
+                     f"({dataset.num_train} examples).")
+  total_steps = steps_per_epoch * config.epochs
+  lam_final = (config.lam_final if config.lam_final is not None
+               else schedules.default_lam_final(config.method, config.lam_form))
+  sched = schedules.resolve(config.dataset, total_steps, eps_final=config.eps_train,
+                            lam_final=lam_final, kappa_final=config.kappa_final,
+                            lr=config.lr, lr_decay=config.lr_decay,
+                            eps_schedule=config.eps_schedule,
+                            lr_boundaries=config.lr_boundaries)
+  prune_step = (config.prune_step if config.prune_step is not None else sched.ramp_end)
+  if method is None:
+    method = _get_method(config)
+  do_prune = config.prune or bool(getattr(method, "prune", False))
+  workdir = Path(config.workdir or _default_workdir(config))
+  workdir.mkdir(parents=True, exist_ok=True)
+  metrics_path = workdir / "metrics.jsonl"
+
+  model, apply_fn = build_model(config, num_classes)
+  tx = make_optimizer(config, sched)
+  state = create_train_state(config, jax.random.PRNGKey(config.seed), dataset.input_shape,
+                             model=model, tx=tx)
+  ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_to_keep)
+  resumed_from = None
+  if resume and ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    resumed_from = int(state.step)
+    if meta.get("steps_per_epoch") not in (None, steps_per_epoch):
+      raise ValueError(f"checkpoint in {ckpt.directory} has {meta['steps_per_epoch']} "
+                       f"steps per epoch, this run {steps_per_epoch}: different data or "
+                       "batch size; use another workdir or resume=False.")
+  run_info = {"event": "start", "config": config.to_json(), "steps_per_epoch": steps_per_epoch,
+              "total_steps": total_steps, "schedule": dataclasses.asdict(sched),
+              "prune_step": prune_step if do_prune else None,
+              "resumed_from_step": resumed_from, "dataset_source": dataset.source,
+              "num_train": dataset.num_train}
+  (workdir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
+
+  train_step = make_train_step(config, apply_fn, method.loss, tx, sched,
+                               make_hyper=make_hyper, prune=do_prune)
+  evaluator = Evaluator(config, apply_fn, dataset)
+  history: List[Dict[str, Any]] = []
+  step = int(state.step)
+  start_epoch, skip = divmod(step, steps_per_epoch)
+  last_saved = ckpt.latest_step()
+  wall0 = time.time()
+  stop_at = total_steps if max_steps is None else min(total_steps, int(max_steps))
+
+  def meta_for(step_now):
+    e, pos = divmod(step_now, steps_per_epoch)
+    return {"step": step_now, "epoch": e, "batch_in_epoch": pos,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "config": config.to_json()}
+
+  def save(step_now):
+    nonlocal last_saved
+    if last_saved != step_now:
+      ckpt.save(step_now, state, meta_for(step_now))
+      last_saved = step_now
+
+  try:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=stop_at, initial=min(step, stop_at), disable=not config.progress,
+               desc=f"{config.dataset}/{config.method}", dynamic_ncols=True, leave=False)
+    for epoch in range(start_epoch, config.epochs):
+      if step >= stop_at:
+        break
+      sums: Dict[str, float] = {}
+      count = 0
+      t_epoch = time.time()
+      step_times = []
+      it = data_lib.batches(dataset.x_train, dataset.y_train, config.batch_size,
+                            config.seed, epoch, True)
+      for b, (x, y) in enumerate(it):
+        if b < skip:
+          continue
+        if step >= stop_at:
+          break
+        if do_prune and step == prune_step and prune_step > 0:
+          state = _prune(state, config.prune_threshold)
+        t0 = time.time()
+        state, metrics = train_step(state, x, y)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step_times.append(time.time() - t0)
+        if not metrics.pop("finite") or not math.isfinite(metrics["loss"]):
+          raise FloatingPointError(
+              f"non-finite loss or parameters at step {step} (epoch {epoch}, batch {b}): "
+              f"loss={metrics['loss']}; the last good checkpoint (step {last_saved}) in "
+              f"{ckpt.directory} is untouched.")
+        step += 1
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if config.progress and (step % max(config.log_every, 1) == 0 or step == stop_at):
+          bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.3f}",
+                          eps=f"{metrics['eps']:.3g}")
+        bar.update(1)
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          save(step)
+        if callback is not None:
+          callback(step, metrics)
+      skip = 0
+      epoch_done = step % steps_per_epoch == 0 or step == total_steps
+      if count == 0:
+        continue
+      record = {"epoch": epoch + 1 if epoch_done else epoch + step % steps_per_epoch
+                / steps_per_epoch, "step": step, "partial_epoch": not epoch_done,
+                "steps": count}
+      record.update({k: v / count for k, v in sums.items()})
+      record["test_acc"] = evaluator.test_accuracy(state.params)
+      eps_now = float(sched.eps()(step))
+      record["eval_eps"] = eps_now
+      acc, s_mean, v_mean = evaluator.certified(state.params, eps_now)
+      record.update(ibp_cert_acc=acc, dm_s_mean=s_mean, dm_v_mean=v_mean)
+      if eps_now != config.eps_train:
+        record["ibp_cert_acc_eps_train"] = evaluator.certified(
+            state.params, config.eps_train)[0]
+      else:
+        record["ibp_cert_acc_eps_train"] = acc
+      times = step_times[1:] if len(step_times) > 1 else step_times
+      record["step_time_s"] = float(np.median(times)) if times else float("nan")
+      record["epoch_time_s"] = time.time() - t_epoch
+      record["wall_time_s"] = time.time() - wall0
+      history.append(record)
+      with metrics_path.open("a") as f:
+        f.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+      if config.progress:
+        bar.write(f"epoch {record['epoch']}: loss {record['loss']:.4f} train_acc "
+                  f"{record['train_acc']:.3f} test_acc {record['test_acc']:.3f} "
+                  f"ibp_cert@{eps_now:.3g} {acc:.3f} ({record['step_time_s']*1e3:.1f} ms/step)")
+    save(step)
+    bar.close()
+  finally:
+    ckpt.close()
+  return state, history
+
+
+def _prune(state: TrainState, threshold: float) -> TrainState:
+  from dm_jax.methods import prune_small_weights
+  params, masks = prune_small_weights(state.params, threshold)
+  # methods' masks are 0/1 for kernels and None elsewhere; the state keeps full trees.
+  masks = jax.tree_util.tree_map(
+      lambda p, m: jnp.ones_like(p, jnp.float32) if m is None
+      else jnp.asarray(m, jnp.float32) * jnp.ones_like(p, jnp.float32),
+      state.params, masks, is_leaf=lambda t: t is None)
+  return state.replace(params=params, masks=masks)
+
+
+def load_params(workdir, config: TrainConfig, input_shape, num_classes: int):
+  """Restores the params of the latest checkpoint in ``workdir`` (for certification)."""
+  from dm_jax.checkpoint import Checkpointer
+  sched = schedules.resolve(config.dataset, 1 << 30, eps_final=config.eps_train,
+                            lam_final=1.0, lr=config.lr)
+  model, _ = build_model(config, num_classes)
+  target = create_train_state(config, jax.random.PRNGKey(config.seed), input_shape,
+                              model=model, tx=make_optimizer(config, sched))
+  with Checkpointer(Path(workdir) / "checkpoints", config.max_to_keep) as ckpt:
+    state, _ = ckpt.restore(target)
+  return state
