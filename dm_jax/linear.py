@@ -358,10 +358,9 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
     if intermediate == "ibp" or node in exact:
       bounds[node] = _interval(tape, node)
     else:
-      lo, up = _identity_bounds(tape, node, bounds, method, chunk_bytes)
-      ibp_lo, ibp_up = _interval(tape, node)
-      del ibp_lo, ibp_up  # textbook CNN-Cert: no intersection with IBP (see WORKSPACE.md)
-      bounds[node] = (lo, up)
+      # Textbook CNN-Cert: the linear bounds are used as they are, not intersected with
+      # the interval ones (see WORKSPACE.md).
+      bounds[node] = _identity_bounds(tape, node, bounds, method, chunk_bytes)
   return bounds
 
 
@@ -434,3 +433,25 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
   b = linear_bounds(apply_fn, params, x, eps, norm, spec=spec, method=method,
                     intermediate=intermediate, k=k, domain=domain, chunk_bytes=chunk_bytes)
   return b.lower
+
+
+def relu_input_bounds(apply_fn, params, x, eps, norm="linf", *, method="crown",
+                      k=None, domain=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+  """Bounds (lower, upper) of every ReLU input, in execution order, with ``method``'s
+  intermediate bounds (layer by layer; ``ibp``/``crown_ibp`` give interval bounds)."""
+  method = canonical_method(method)
+  iset = make_input_set(x, eps, norm, k, domain)
+  tape = record_tape(apply_fn, params, iset)
+  relax = "crown" if method in ("crown_ibp", "ibp") else method
+  inter = "ibp" if method in ("crown_ibp", "ibp") else "linear"
+  bounds = intermediate_bounds(tape, relax, inter, chunk_bytes)
+  nodes = [next(r[1] for r in e.refs if r[0] == "node") for e in tape.entries
+           if e.kind == "relu" and _is_zero(e.relu_const)]
+  return [bounds[n] for n in nodes]
+
+
+def _is_zero(c) -> bool:
+  if isinstance(c, jax.core.Tracer):
+    return False
+  c = np.asarray(c)
+  return c.size > 0 and bool(np.all(c == 0))
