@@ -1,0 +1,257 @@
+"""Backward linear bounds in *patch* form for convolutional layers (CNN-Cert's trick).
+
+The bounds of a conv layer's neurons need one backward pass per neuron. In dense form
+each pass carries a coefficient tensor as large as every earlier layer, and costs a full
+transposed convolution per neuron. But the coefficients of neuron ``(h, w, c)`` are zero
+outside its receptive field, so here each neuron carries only its window: coefficients of
+shape (B, H, W, R, Kh, Kw, C_m) at an earlier node m, where the window of the neuron at
+``(h, w)`` covers rows ``h * S - P + i`` (and columns likewise) for ``i < K``. A
+convolution with kernel k, stride s and low padding p maps the geometry to
+``K' = (K - 1) s + k``, ``S' = S s``, ``P' = P s + p``; the transposed convolution is
+applied to every window as to a tiny image. ReLU relaxations, biases and element-wise
+constants are read from the windows of their maps (zero outside the map, which also
+removes the coefficients of zero padding).
+
+Only chains of NHWC convolutions, element-wise affine ops, residual additions and ReLUs
+are handled; :mod:`dm_jax.linear` falls back to dense form for anything else. The
+results equal the dense backward pass exactly (same relaxations, same arithmetic up to
+float rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs (HWIO), out specs
+_ELEMENTWISE_CONST = frozenset({"add", "sub", "add_any", "mul", "div"})
+_PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+
+
+@dataclasses.dataclass
+class Patch:
+  A: jax.Array  # (B, H, W, R, Kh, Kw, Cm)
+  K: Tuple[int, int]
+  S: Tuple[int, int]
+  P: Tuple[int, int]
+
+
+def windows(t, K, S, P, out_hw):
+  """Windows of a (B, Hm, Wm, C) map: (B, H, W, Kh, Kw, C), zero outside the map."""
+  H, W = out_hw
+  pads = [(0, 0, 0)]
+  for d in range(2):
+    size = (out_hw[d] - 1) * S[d] + K[d]
+    pads.append((P[d], size - P[d] - t.shape[1 + d], 0))
+  pads.append((0, 0, 0))
+  t = lax.pad(t, jnp.zeros((), t.dtype), pads)
+  rows = []
+  for i in range(K[0]):
+    cols = []
+    for j in range(K[1]):
+      cols.append(lax.slice(t, (0, i, j, 0),
+                            (t.shape[0], i + (H - 1) * S[0] + 1, j + (W - 1) * S[1] + 1,
+                             t.shape[3]), (1, S[0], S[1], 1)))
+    rows.append(jnp.stack(cols, axis=3))
+  return jnp.stack(rows, axis=3)
+
+
+def _is_nhwc_conv(eqn) -> bool:
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  return ((tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _NHWC
+          and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+          and all(d == 1 for d in p["lhs_dilation"]) and all(d == 1 for d in p["rhs_dilation"]))
+
+
+def _node_refs(entry):
+  return [(i, r[1]) for i, r in enumerate(entry.refs) if r[0] == "node"]
+
+
+def supported(tape, target) -> bool:
+  """Whether every equation between the input and ``target`` has a patch rule."""
+  shapes = {i: np.shape(v.centres[0]) if hasattr(v, "centres") else np.shape(v.value)
+            for i, v in enumerate(tape.values)}
+  if len(shapes[target]) != 4 or len(shapes[0]) != 4:
+    return False
+  needed = {target}
+  for e in reversed(tape.entries):
+    if e.out > target or e.out not in needed:
+      continue
+    nodes = _node_refs(e)
+    needed.update(n for _, n in nodes)
+    if len(shapes[e.out]) != 4:
+      return False
+    name = e.eqn.primitive.name
+    if e.kind == "relu":
+      continue
+    if e.kind != "affine":
+      return False
+    if name == "conv_general_dilated":
+      if [i for i, _ in nodes] != [0] or not _is_nhwc_conv(e.eqn):
+        return False
+    elif name in _ELEMENTWISE_CONST:
+      if name in ("mul", "div") and len(nodes) != 1:
+        return False
+      if name == "div" and nodes[0][0] != 0:
+        return False
+      if any(shapes[n] != shapes[e.out] for _, n in nodes):
+        return False
+    elif name == "neg" or name in _PASS_THROUGH:
+      pass
+    else:
+      return False
+  return True
+
+
+def _pad_to(patch: Patch, K, P) -> jax.Array:
+  """Re-expresses a patch on a larger window (same stride)."""
+  pads = [(0, 0)] * 4
+  for d in range(2):
+    lo = P[d] - patch.P[d]
+    pads.append((lo, K[d] - patch.K[d] - lo))
+  pads.append((0, 0))
+  return jnp.pad(patch.A, pads)
+
+
+def _merge(a: Optional[Patch], b: Patch) -> Patch:
+  if a is None:
+    return b
+  if a.S != b.S:
+    raise NotImplementedError("patch merge with different strides")
+  P = tuple(max(a.P[d], b.P[d]) for d in range(2))
+  K = tuple(max(a.K[d] - a.P[d], b.K[d] - b.P[d]) + P[d] for d in range(2))
+  return Patch(_pad_to(a, K, P) + _pad_to(b, K, P), K, a.S, P)
+
+
+def _win_sum(A, t):
+  """<A, windows> summed over the window: A (B,H,W,R,Kh,Kw,C), t (B,H,W,Kh,Kw,C)."""
+  return jnp.einsum("bhwrijc,bhwijc->bhwr", A, t)
+
+
+def _conv_back(patch: Patch, eqn, kernel) -> Patch:
+  A = patch.A
+  b, h, w, r, kh, kw, cm = A.shape
+  s = eqn.params["window_strides"]
+  p = [lo for lo, _ in eqn.params["padding"]]
+  imgs = A.reshape(b * h * w * r, kh, kw, cm)
+  out = lax.conv_transpose(imgs, kernel, tuple(s), "VALID",
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"), transpose_kernel=True,
+                           precision=lax.Precision.HIGHEST)
+  K = tuple((patch.K[d] - 1) * s[d] + kernel.shape[d] for d in range(2))
+  out = out.reshape(b, h, w, r, K[0], K[1], kernel.shape[2])
+  S = tuple(patch.S[d] * s[d] for d in range(2))
+  P = tuple(patch.P[d] * s[d] + p[d] for d in range(2))
+  return Patch(out, K, S, P)
+
+
+def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concretize_fn):
+  """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like dm_jax.linear's
+  dense ``backward``; ``relaxation`` is linear._relu_relaxation."""
+  coeffs: Dict[int, Patch] = {target: A0}
+  out_hw = A0.A.shape[1:3]
+  offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
+  lower_of = lambda n: tape_interval(tape, n)
+
+  def add(node, patch):
+    coeffs[node] = _merge(coeffs.get(node), patch)
+
+  for e in reversed(tape.entries):
+    if e.out > target or e.out not in coeffs:
+      continue
+    patch = coeffs.pop(e.out)
+    name = e.eqn.primitive.name
+    nodes = _node_refs(e)
+    win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
+    if e.kind == "relu":
+      (_, node), = nodes
+      l, u = bounds[node]
+      c = jnp.broadcast_to(jnp.asarray(e.relu_const, l.dtype), l.shape)
+      lo_s, lo_b, up_s, up_b = relaxation(l, u, c, method)
+      pos, neg = jnp.maximum(patch.A, 0), jnp.minimum(patch.A, 0)
+      A = pos * win(lo_s)[:, :, :, None] + neg * win(up_s)[:, :, :, None]
+      offset = offset + _win_sum(pos, win(lo_b)) + _win_sum(neg, win(up_b))
+      add(node, Patch(A, patch.K, patch.S, patch.P))
+    elif name == "conv_general_dilated":
+      add(nodes[0][1], _conv_back(patch, e.eqn, e.refs[1][1]))
+    elif name in _PASS_THROUGH:
+      add(nodes[0][1], patch)
+    elif name == "neg":
+      add(nodes[0][1], Patch(-patch.A, patch.K, patch.S, patch.P))
+    elif name in ("mul", "div"):
+      (_, node), = nodes
+      const = e.refs[1 - nodes[0][0]][1]
+      shape = np.shape(lower_of(node))
+      factor = jnp.broadcast_to(1 / const if name == "div" else const, shape)
+      add(node, Patch(patch.A * win(factor)[:, :, :, None], patch.K, patch.S, patch.P))
+    else:  # add / sub / add_any
+      shape = np.shape(lower_of(e.out))
+      zeros = jnp.zeros(shape, patch.A.dtype)
+      bias = e.eqn.primitive.bind(
+          *[zeros if r[0] == "node" else r[1] for r in e.refs], **e.eqn.params)
+      offset = offset + _win_sum(patch.A, win(jnp.broadcast_to(bias, shape)))
+      for i, node in nodes:
+        sign = -1.0 if (name == "sub" and i == 1) else 1.0
+        add(node, Patch(sign * patch.A, patch.K, patch.S, patch.P))
+  (node, patch), = coeffs.items()
+  assert node == 0, node
+  return offset + concretize_fn(patch, out_hw)
+
+
+def tape_interval(tape, node):
+  value = tape.values[node]
+  return value.centres[0] if hasattr(value, "centres") else value.value
+
+
+def concretize(patch: Patch, out_hw, iset, topk_sum, tiny):
+  """min over the input set of the windowed linear functions: (B, H, W, R)."""
+  win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
+  A = patch.A * win(jnp.ones_like(iset.x))[:, :, :, None]  # drop zero-padding coordinates
+  if iset.norm == "linf":
+    lower, upper = iset.box()
+    return _win_sum(jnp.maximum(A, 0), win(lower)) + _win_sum(jnp.minimum(A, 0), win(upper))
+  centre = _win_sum(A, win(iset.x))
+  eps = iset.eps.reshape(iset.x.shape[0], -1)[:, 0][:, None, None, None]
+  flat = A.reshape(A.shape[:4] + (-1,))
+  if iset.norm == "l2":
+    return centre - eps * jnp.sqrt(jnp.sum(flat * flat, axis=-1) + tiny)
+  if iset.norm == "l1":
+    return centre - eps * jnp.max(jnp.abs(flat), axis=-1)
+  lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
+  xw = win(iset.x)[:, :, :, None].reshape(A.shape[:3] + (1, -1))
+  decrease = jnp.maximum(-jnp.minimum(flat * (hi - xw), flat * (lo - xw)), 0.0)
+  return centre - topk_sum(decrease, iset.k)
+
+
+def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
+                    chunk_bytes: int):
+  """(l, u) of every element of the NHWC node ``target`` in patch form."""
+  ref = tape_interval(tape, target)
+  b, h, w, c = ref.shape
+  # Rows: +e_c (lower bounds) and -e_c (upper bounds), chunked over channels for memory.
+  widest = max(int(np.prod(np.shape(tape_interval(tape, i))[1:])) for i in range(target + 1))
+  per_channel = b * h * w * 2 * max(widest, 1) * 4
+  chunk = int(max(1, min(c, chunk_bytes // max(per_channel, 1))))
+  n_chunks = math.ceil(c / chunk)
+
+  def one(start):
+    eye = jax.nn.one_hot(start + jnp.arange(chunk), c, dtype=ref.dtype)  # (chunk, c)
+    rows = jnp.concatenate([eye, -eye])
+    A = jnp.broadcast_to(rows[None, None, None, :, None, None, :], (b, h, w, 2 * chunk, 1, 1, c))
+    low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
+                           relaxation,
+                           lambda p, hw: concretize(p, hw, tape.iset, topk_sum, tiny))
+    return low[..., :chunk], -low[..., chunk:]
+
+  if n_chunks == 1:
+    lo, up = one(0)
+  else:
+    lo, up = lax.map(one, jnp.arange(n_chunks) * chunk)  # (n, b, h, w, chunk)
+    lo = jnp.moveaxis(lo, 0, 3).reshape(b, h, w, -1)
+    up = jnp.moveaxis(up, 0, 3).reshape(b, h, w, -1)
+  return lo[..., :c], up[..., :c]
