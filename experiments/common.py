@@ -1,0 +1,335 @@
+"""Shared absl flags and ``main`` of the experiment scripts (Flax-examples style).
+
+Each dataset script (``experiments/mnist.py``, ``cifar10.py``, ``gtsrb.py``) passes its
+:class:`DatasetDefaults`; any flag left unset takes the dataset's default. The run:
+
+1. validates the flags (bad values exit non-zero with one ``error: ...`` line),
+2. loads the data (``--data_dir``, else ``$DM_JAX_DATA_DIR``, else TFDS),
+3. trains with :func:`dm_jax.train.train` in ``--workdir`` (continuing from the latest
+   checkpoint there when ``--resume``, the default),
+4. certifies ``--num_cert_points`` seeded random test points with each of
+   ``--cert_methods`` (default CNN-Cert-ReLU = ``fastlin`` and ``ibp``) over the
+   dataset's eps grid, prints the paper-style table and writes it to
+   ``workdir/certified.json`` and ``workdir/certified.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetDefaults:
+  dataset: str
+  arch: str
+  eps: float
+  epochs: int
+  batch_size: int
+  lr: float
+  eps_grid: Tuple[float, ...]
+  eps_grid_label: Tuple[str, ...]
+  normalize: bool = False
+  augment: bool = False
+  eps_scale: float = 1.0      # table columns in units of 1/eps_scale (255 for /255 grids)
+
+
+flags.DEFINE_string("method", "dm", "Training method (dm_jax.methods.METHODS, or 'dm*' "
+                    "= Double Margin with final lambda 1).")
+flags.DEFINE_string("arch", None, "Architecture (dm_jax.ARCHITECTURES or mlp/small_s2); "
+                    "default: the dataset's.")
+flags.DEFINE_string("eps", None, "Training radius eps_train (in [0, 1] pixel units; "
+                    "fractions like 8/255 accepted); default: the dataset's.")
+flags.DEFINE_integer("epochs", None, "Training epochs; default: the dataset's.")
+flags.DEFINE_integer("batch_size", None, "Batch size; default: the dataset's.")
+flags.DEFINE_float("lr", None, "Adam learning rate; default 5e-4.")
+flags.DEFINE_string("lr_boundaries", None, "Comma-separated steps after which the lr is "
+                    "multiplied by 0.1 (default: the dataset's, scaled for short runs).")
+flags.DEFINE_float("lambda_final", None, "Final lambda (default: 2 for dm, 1 for dm*, "
+                   "paper form).")
+flags.DEFINE_enum("lam_form", "paper", ["paper", "kappa"], "DM objective form: 'paper' "
+                  "((1-lam) CE + lam CE_split) or 'kappa' (SingleProp: kappa 1 -> 0.5).")
+flags.DEFINE_string("eps_schedule", None, "'warmup_end,ramp_end' steps of the eps/lambda/"
+                    "kappa ramp (default: the dataset's, scaled for short runs).")
+flags.DEFINE_string("workdir", None, "Output directory (default "
+                    "./runs/<dataset>_<method>_<arch>_eps<eps>).")
+flags.DEFINE_integer("seed", 0, "Seed (init, data order, augmentation, cert points).")
+flags.DEFINE_integer("num_cert_points", 200, "Random test points to certify (0: skip).")
+flags.DEFINE_string("cert_methods", "fastlin,ibp", "Certifiers for the table.")
+flags.DEFINE_integer("cert_batch_size", 50, "Certification batch size.")
+flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR).")
+flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in workdir.")
+flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.")
+flags.DEFINE_integer("ensemble", 1, "Number of ensemble members (Appendix H.2).")
+flags.DEFINE_float("l1", 0.0, "l1 weight penalty added to the method (DM + L1).")
+flags.DEFINE_string("norm", "linf", "Threat model: linf, l2, l1 (training and cert).")
+flags.DEFINE_bool("prune", False, "Magnitude pruning (relu_stability + pruning).")
+flags.DEFINE_bool("adv", False, "relu_stability: PGD CE instead of clean CE.")
+flags.DEFINE_float("grad_clip", 0.0, "Global-norm gradient clipping (0: off).")
+flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps.")
+flags.DEFINE_integer("eval_cert_points", 256, "Test points for the per-epoch IBP check.")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+
+def parse_number(text: str, what: str) -> float:
+  """'0.3', '8/255' -> float; ValueError with a clear message otherwise."""
+  try:
+    value = float(Fraction(text.strip())) if "/" in text else float(text)
+  except (ValueError, ZeroDivisionError):
+    raise ValueError(f"--{what} must be a number (e.g. 0.3 or 8/255); got {text!r}") from None
+  return value
+
+
+def parse_steps(text: Optional[str], what: str, count: Optional[int] = None):
+  if text is None or text.strip() == "":
+    return None
+  try:
+    steps = tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    raise ValueError(f"--{what} must be comma-separated integers; got {text!r}") from None
+  if count is not None and len(steps) != count:
+    raise ValueError(f"--{what} needs {count} comma-separated steps; got {text!r}")
+  if any(s < 0 for s in steps):
+    raise ValueError(f"--{what} steps must be >= 0; got {text!r}")
+  return steps
+
+
+def build_config(defaults: DatasetDefaults):
+  """Validates the flags and returns a :class:`dm_jax.train.TrainConfig`."""
+  from dm_jax import methods
+  from dm_jax.models import _REGISTRY
+  from dm_jax.train import TrainConfig, canonical_method
+  from dm_jax.input_sets import canonical_norm
+
+  method = FLAGS.method
+  if canonical_method(method) not in methods.METHODS:
+    raise ValueError(f"unknown --method {method!r}; expected one of "
+                     f"{', '.join(methods.METHODS + ('dm*',))}")
+  arch = FLAGS.arch or defaults.arch
+  if arch not in _REGISTRY:
+    raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(sorted(_REGISTRY))}")
+  eps = defaults.eps if FLAGS.eps is None else parse_number(FLAGS.eps, "eps")
+  if not (eps >= 0 and math.isfinite(eps)):
+    raise ValueError(f"--eps must be >= 0; got {FLAGS.eps}")
+  epochs = defaults.epochs if FLAGS.epochs is None else FLAGS.epochs
+  if epochs <= 0:
+    raise ValueError(f"--epochs must be > 0; got {epochs}")
+  batch_size = defaults.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
+  if batch_size <= 0:
+    raise ValueError(f"--batch_size must be > 0; got {batch_size}")
+  lr = defaults.lr if FLAGS.lr is None else FLAGS.lr
+  if not lr > 0:
+    raise ValueError(f"--lr must be > 0; got {lr}")
+  if FLAGS.num_cert_points < 0:
+    raise ValueError(f"--num_cert_points must be >= 0; got {FLAGS.num_cert_points}")
+  if FLAGS.max_train_examples is not None and FLAGS.max_train_examples <= 0:
+    raise ValueError(f"--max_train_examples must be > 0; got {FLAGS.max_train_examples}")
+  if FLAGS.ensemble < 1:
+    raise ValueError(f"--ensemble must be >= 1; got {FLAGS.ensemble}")
+  norm = canonical_norm(FLAGS.norm)
+  if norm == "l0":
+    raise ValueError("--norm l0 is not supported by the experiment scripts (needs k)")
+  eps_schedule = parse_steps(FLAGS.eps_schedule, "eps_schedule", 2)
+  if eps_schedule is not None and eps_schedule[1] < eps_schedule[0]:
+    raise ValueError(f"--eps_schedule needs warmup_end <= ramp_end; got {FLAGS.eps_schedule}")
+  lr_boundaries = parse_steps(FLAGS.lr_boundaries, "lr_boundaries")
+  # Let methods validate the remaining options (lam_form, norm for PGD, ...).
+  methods.get_method(canonical_method(method), norm=norm, l1=FLAGS.l1, prune=FLAGS.prune,
+                     adv=FLAGS.adv, lam_form=FLAGS.lam_form)
+  workdir = FLAGS.workdir or (f"./runs/{defaults.dataset}_{method.replace('*', 'star')}_"
+                              f"{arch}_eps{eps:.4g}")
+  return TrainConfig(
+      dataset=defaults.dataset, arch=arch, method=method, norm=norm, l1=FLAGS.l1,
+      prune=FLAGS.prune, adv=FLAGS.adv, lam_form=FLAGS.lam_form, eps_train=eps,
+      epochs=epochs, batch_size=batch_size, lr=lr, lr_boundaries=lr_boundaries,
+      eps_schedule=eps_schedule, lam_final=FLAGS.lambda_final, seed=FLAGS.seed,
+      workdir=workdir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+      grad_clip=FLAGS.grad_clip, ensemble=FLAGS.ensemble, normalize=defaults.normalize,
+      augment=defaults.augment, max_train_examples=FLAGS.max_train_examples,
+      eval_cert_points=FLAGS.eval_cert_points, progress=FLAGS.progress)
+
+
+# ----------------------------------------------------------------------------- certify
+
+
+def _fallback_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size):
+  """Used only while dm_jax.certify is missing: margin lower bounds from dm_jax.linear."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from dm_jax import linear
+
+  fns = {m: jax.jit(lambda p, xb, yb, e, m=m: linear.margin_lower_bounds(
+      apply_fn, p, xb, yb, e, norm, method=m)) for m in methods}
+  logits_fn = jax.jit(apply_fn)
+  n = len(x)
+  correct = np.zeros(n, bool)
+  cert = {m: np.zeros((len(eps_grid), n), bool) for m in methods}
+  for i in range(0, n, batch_size):
+    xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    correct[i:i + len(xb)] = np.asarray(jnp.argmax(logits_fn(params, xb), -1)) == yb
+    for m in methods:
+      for j, e in enumerate(eps_grid):
+        lb = np.array(fns[m](params, xb, yb, jnp.float32(e)))
+        lb[np.arange(len(yb)), yb] = np.inf
+        cert[m][j, i:i + len(xb)] = (lb.min(-1) > 0) & correct[i:i + len(xb)]
+  rows = {m: [float(c.mean()) for c in cert[m]] for m in methods}
+  best = np.any(np.stack([cert[m] for m in methods]), axis=0)
+  rows["best"] = [float(c.mean()) for c in best]
+  return {"eps": list(map(float, eps_grid)), "rows": rows, "num_points": n,
+          "clean_acc": float(correct.mean()), "norm": norm,
+          "source": "experiments.common._fallback_table (dm_jax.certify missing)"}
+
+
+def _fallback_format(table, labels=None) -> str:
+  labels = labels or [f"{e:g}" for e in table["eps"]]
+  width = max(9, max(len(k) for k in table["rows"]) + 1)
+  head = "certifier".ljust(width) + "".join(f"{lab:>8}" for lab in labels)
+  lines = [head, "-" * len(head)]
+  for k, vals in table["rows"].items():
+    lines.append(k.ljust(width) + "".join(f"{100 * v:7.1f}%" for v in vals))
+  return "\n".join(lines)
+
+
+def certify_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size,
+                  eps_scale=1.0, progress=True):
+  """Calls ``dm_jax.certify.certified_accuracy_table`` (fallback while it is missing)."""
+  try:
+    from dm_jax import certify
+  except ImportError:
+    certify = None
+  if certify is not None:
+    table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
+                                             methods=tuple(methods), norm=norm,
+                                             batch_size=batch_size, progress=progress)
+    label = "eps" if eps_scale == 1.0 else f"eps*{eps_scale:g}"
+    return table, certify.format_table(table, eps_scale=eps_scale, eps_label=label)
+  print("warning: dm_jax.certify is not available; using dm_jax.linear bounds directly",
+        file=sys.stderr)
+  table = _fallback_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size)
+  return table, _fallback_format(table)
+
+
+def _to_jsonable(obj):
+  import numpy as np
+  if isinstance(obj, dict):
+    return {str(k): _to_jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_to_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _to_jsonable(obj.tolist())
+  if isinstance(obj, (np.floating, np.integer, np.bool_)):
+    return obj.item()
+  if hasattr(obj, "__array__"):
+    return _to_jsonable(np.asarray(obj))
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  return obj
+
+
+def write_table(workdir: Path, table: Dict[str, Any], eps_grid, labels, info) -> None:
+  (workdir / "certified.json").write_text(json.dumps(
+      _to_jsonable({**info, "eps_grid": list(eps_grid), "eps_labels": list(labels),
+                    "table": table}), indent=1))
+  with (workdir / "certified.csv").open("w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["certifier"] + list(labels))
+    for name, vals in table["rows"].items():
+      w.writerow([name] + [f"{float(v):.4f}" for v in _to_jsonable(vals)])
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(defaults: DatasetDefaults) -> None:
+  """Trains and certifies per the flags. Raises ValueError / DatasetNotFoundError."""
+  import jax
+  import numpy as np
+  from dm_jax import data as data_lib
+  from dm_jax import train as train_lib
+
+  config = build_config(defaults)
+  cert_methods = tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
+  if FLAGS.num_cert_points:
+    try:
+      from dm_jax.certify import canonical_certifier
+    except ImportError:
+      from dm_jax.linear import canonical_method as canonical_certifier
+    for m in cert_methods:
+      canonical_certifier(m)  # ValueError for an unknown certifier
+  dataset = data_lib.load_dataset(defaults.dataset, FLAGS.data_dir)
+  print(f"data: {dataset}", flush=True)
+  print(f"run: {defaults.dataset} method={config.method} arch={config.arch} "
+        f"eps_train={config.eps_train:.5g} epochs={config.epochs} batch={config.batch_size} "
+        f"lam_form={config.lam_form} lambda_final="
+        f"{config.lam_final if config.lam_final is not None else 'default'} "
+        f"workdir={config.workdir}", flush=True)
+  t0 = time.time()
+  state, history = train_lib.train(config, dataset, resume=FLAGS.resume)
+  train_time = time.time() - t0
+  print(f"training done: step {int(state.step)} in {train_time:.1f} s", flush=True)
+
+  workdir = Path(config.workdir)
+  if FLAGS.num_cert_points == 0:
+    return
+  n = min(FLAGS.num_cert_points, dataset.num_test)
+  idx = np.sort(np.random.default_rng(config.seed).choice(dataset.num_test, n, replace=False))
+  x, y = dataset.x_test[idx], dataset.y_test[idx]
+  _, apply_fn = train_lib.build_model(config, dataset.num_classes)
+  t1 = time.time()
+  table, text = certify_table(apply_fn, state.params, x, y, defaults.eps_grid, cert_methods,
+                              config.norm, FLAGS.cert_batch_size, defaults.eps_scale,
+                              FLAGS.progress)
+  cert_time = time.time() - t1
+  lam = (config.lam_final if config.lam_final is not None else
+         __import__("dm_jax.schedules", fromlist=["x"]).default_lam_final(
+             config.method, config.lam_form))
+  header = (f"Certified accuracy ({n} random test points, seed {config.seed}), "
+            f"{defaults.dataset} {config.arch} {config.method} eps_train="
+            f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g}; "
+            f"eps grid: {', '.join(defaults.eps_grid_label)}")
+  print(header)
+  print(text, flush=True)
+  info = {"dataset": defaults.dataset, "method": config.method, "arch": config.arch,
+          "eps_train": config.eps_train, "lam_form": config.lam_form, "lambda_final": lam,
+          "num_points": n, "test_indices": idx.tolist(), "seed": config.seed,
+          "cert_methods": list(cert_methods), "train_time_s": train_time,
+          "cert_time_s": cert_time, "step": int(state.step), "config": config.to_json()}
+  write_table(workdir, table, defaults.eps_grid, defaults.eps_grid_label, info)
+  print(f"wrote {workdir / 'certified.json'} and {workdir / 'certified.csv'}", flush=True)
+
+
+def parse_flags(argv):
+  """absl ``flags_parser``: an unknown or malformed flag is one ``error:`` line, exit 1."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {' '.join(str(e).split())} (see --helpshort)")
+
+
+def main(argv: Sequence[str], defaults: DatasetDefaults) -> None:
+  """absl entry point: one ``error: ...`` line on stderr and exit 1 on bad input."""
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected positional arguments: {' '.join(argv[1:])}")
+  from absl import logging
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows them
+    logging.set_verbosity(logging.WARNING)
+  from dm_jax.data import DatasetNotFoundError
+  from dm_jax.errors import UnsupportedPrimitiveError
+  try:
+    run(defaults)
+  except (ValueError, DatasetNotFoundError, FloatingPointError,
+          UnsupportedPrimitiveError) as e:
+    msg = " ".join(str(e).split())
+    sys.exit(f"error: {msg}")

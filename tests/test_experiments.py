@@ -1,0 +1,97 @@
+"""End-to-end runs of the absl experiment scripts in subprocesses."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_dir():
+  env = os.environ.get("DM_JAX_DATA_DIR", "").strip()
+  return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+def _run(args, env_extra=None, timeout=600):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("DM_JAX_DATA_DIR", str(_data_dir()))
+  if env_extra:
+    env.update(env_extra)
+  return subprocess.run([sys.executable, "-m"] + args, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _need_mnist():
+  if not (_data_dir() / "mnist.npz").exists():
+    pytest.skip("MNIST not available")
+
+
+def test_mnist_end_to_end_and_resume(tmp_path):
+  _need_mnist()
+  workdir = tmp_path / "run"
+  args = ["experiments.mnist", "--epochs=1", "--max_train_examples=500",
+          "--num_cert_points=20", f"--workdir={workdir}", "--arch=mlp", "--noprogress"]
+  r = _run(args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Certified accuracy" in r.stdout
+  out = r.stdout.lower()
+  assert ("fastlin" in out or "cnn-cert-relu" in out) and "ibp" in out and "best" in out
+  table = json.loads((workdir / "certified.json").read_text())
+  assert table["num_points"] == 20 and table["method"] == "dm"
+  assert table["lambda_final"] == 2.0 and table["lam_form"] == "paper"
+  rows = list(csv.reader((workdir / "certified.csv").open()))
+  assert rows[0][0] == "certifier" and len(rows[0]) == 10
+  assert {row[0] for row in rows[1:]} >= {"fastlin", "ibp", "best"}
+  metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[-1]["step"] == 5 and "ibp_cert_acc" in metrics[-1]
+  # Run again: the checkpoint at the end is found, nothing is retrained.
+  r2 = _run(args + ["--num_cert_points=0"])
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert "training done: step 5" in r2.stdout
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(metrics)
+
+
+@pytest.mark.slow
+def test_mnist_small_cnn_brief_command(tmp_path):
+  """The command of the brief verbatim (small CNN; CNN-Cert on it is slow on CPU)."""
+  _need_mnist()
+  r = _run(["experiments.mnist", "--epochs=1", "--max_train_examples=500",
+            "--num_cert_points=20", f"--workdir={tmp_path / 'tmp'}", "--noprogress"],
+           timeout=3600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Certified accuracy" in r.stdout
+
+
+@pytest.mark.parametrize("module,flag,needle", [
+    ("experiments.mnist", "--method=nope", "method"),
+    ("experiments.mnist", "--arch=nope", "arch"),
+    ("experiments.mnist", "--eps=-0.1", "eps"),
+    ("experiments.mnist", "--epochs=0", "epochs"),
+    ("experiments.cifar10", "--eps=abc", "eps"),
+    ("experiments.gtsrb", "--no_such_flag=1", "no_such_flag"),
+    ("experiments.mnist", "--epochs=two", "epochs"),
+])
+def test_bad_flags_exit_with_one_line(tmp_path, module, flag, needle):
+  r = _run([module, flag, f"--workdir={tmp_path / 'w'}"], timeout=120)
+  assert r.returncode != 0
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1, r.stderr
+  assert lines[0].startswith("error:") and needle in lines[0], lines
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_missing_data_exits_with_one_line(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  r = _run(["experiments.gtsrb", f"--data_dir={empty}", f"--workdir={tmp_path / 'w'}"],
+           timeout=120)
+  assert r.returncode != 0
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+  assert "gtsrb" in lines[0].lower()
