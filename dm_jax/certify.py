@@ -73,8 +73,14 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   norm = canonical_norm(norm)
   x, y = _check_xy(x, y)
   n = x.shape[0]
-  eps_arr = np.broadcast_to(np.asarray(0.0 if eps is None else eps, np.float32), (n,))
-  make_input_set(jnp.asarray(x[:1]), eps_arr[:1], norm, k, domain)  # validate early
+  eps_arr = np.asarray(0.0 if eps is None else eps, np.float32)
+  if eps_arr.ndim > 1 or (eps_arr.ndim == 1 and eps_arr.shape != (n,)):
+    raise ValueError(f"eps must be a scalar or have shape (N,) = ({n},); got {eps_arr.shape}.")
+  eps_arr = np.broadcast_to(eps_arr, (n,))
+  # Every eps is checked here: inside the compiled call eps is traced and cannot be.
+  if not np.all(np.isfinite(eps_arr)) or np.any(eps_arr < 0):
+    raise ValueError(f"eps must be finite and >= 0 for every point; got min {eps_arr.min()}.")
+  make_input_set(jnp.asarray(x[:1]), eps_arr[:1], norm, k, domain)  # validate the rest
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   if method == "mip":

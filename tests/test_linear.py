@@ -1,0 +1,534 @@
+"""Certification tests of the linear (CROWN-family) bounds of ``dm_jax.linear``.
+
+1. Monte-Carlo soundness: for every method (ibp, crown_ibp, fastlin, crown, zero) and
+   threat model (linf, linf with the [0, 1] data box, l2, l1, l0), sampled points of the
+   set (vertices, sphere / faces, interior points, and points found by a few projected
+   gradient steps that push each specification row down or up) never give
+   ``spec @ f(x')`` outside ``linear_bounds``; random specification matrices and margin
+   rows; mlp, small CNN, pooling CNN, resnet and a 2-member ensemble. The radii are chosen
+   so that many ReLUs are unstable (checked, so the test is not vacuous).
+2. Exact comparison against the MIP (``dm_jax.mip.exact_margins``) on tiny nets (MLPs,
+   a conv net, a max-pooling net, a residual net): every certifier's margin lower bound
+   is <= the exact minimum; IBP is never tighter than CNN-Cert-Zero (Appendix K). The
+   gaps are collected and printed by ``test_zz_gap_summary`` (run with ``-s``).
+3. jit / grad: ``margin_lower_bounds`` is the same under jit; its gradient w.r.t. the
+   parameters is finite (training uses it).
+
+Models are evaluated with Flax directly; points are drawn with numpy.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import dm_jax
+from dm_jax import certify as certify_lib
+from dm_jax import linear, mip
+
+METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
+LINEAR_METHODS = ("fastlin", "crown", "zero")
+
+
+# ------------------------------------------------------------------------- helpers
+
+def random_params(model, shape, seed, bias_std=0.1, weight_scale=1.0):
+  """Kernels N(0, weight_scale^2/fan_in), biases N(0, bias_std^2) (non-zero biases)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape)))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, leaf in leaves:
+    if "bias" in str(path[-1]):
+      val = rng.normal(0.0, bias_std, leaf.shape)
+    else:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      val = rng.normal(0.0, weight_scale / np.sqrt(fan_in), leaf.shape)
+    out.append(jnp.asarray(val, leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def nominal_inputs(shape, batch, seed):
+  """Inputs in [0, 1], some exactly 0 or 1 (so the data box is active)."""
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.0, 1.0, (batch,) + tuple(shape))
+  u = rng.uniform(size=x.shape)
+  x[u < 0.2] = 0.0
+  x[u > 0.9] = 1.0
+  return x.astype(np.float32)
+
+
+def project_l1(d, eps):
+  """Euclidean projection of each row of d (n, D) onto the l1 ball of radius eps
+  (Duchi et al. 2008)."""
+  d = np.asarray(d, np.float64)
+  a = np.abs(d)
+  out = d.copy()
+  for i in range(d.shape[0]):
+    if a[i].sum() <= eps:
+      continue
+    u = np.sort(a[i])[::-1]
+    css = np.cumsum(u)
+    j = np.arange(1, u.size + 1)
+    rho = np.nonzero(u - (css - eps) / j > 0)[0][-1]
+    theta = (css[rho] - eps) / (rho + 1)
+    out[i] = np.sign(d[i]) * np.maximum(a[i] - theta, 0.0)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_grad_fn(apply_fn):
+  """grad_x of sum_i <w_i, f(x_i)> (one compile per model and shape)."""
+  def obj(params, xs, w):
+    return jnp.sum(apply_fn(params, xs) * w)
+  return jax.jit(jax.grad(obj, argnums=1))
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_apply(apply_fn):
+  return jax.jit(apply_fn)
+
+
+def directed_points(apply_fn, params, x, spec, eps, norm, domain, k, steps=25, seed=0):
+  """For each example b and spec row r: points that (locally) minimise and maximise
+  ``spec[b, r] @ f`` by projected steepest-descent steps. Returns (B, 2R, *shape)."""
+  rng = np.random.default_rng(seed)
+  B, R, K = spec.shape
+  shape = x.shape[1:]
+  D = int(np.prod(shape))
+  # copy i minimises sign_i * rows_i @ f
+  w = np.concatenate([spec, -spec], axis=1).reshape(B * 2 * R, K)
+  centre = np.repeat(x.reshape(B, 1, D), 2 * R, axis=1).reshape(-1, D).astype(np.float64)
+  grad_fn = _weighted_grad_fn(apply_fn)
+  grad = lambda pts: -np.asarray(grad_fn(params, jnp.asarray(
+      pts.reshape((-1,) + shape), jnp.float32), jnp.asarray(w, jnp.float32))).reshape(-1, D)
+  if norm == "l0":
+    lo_d, hi_d = domain if domain is not None else (0.0, 1.0)
+    pts = centre.copy()
+    for _ in range(3):
+      g = grad(pts)  # ascent direction of the objective -w.f
+      gain_lo = g * (lo_d - centre)
+      gain_hi = g * (hi_d - centre)
+      target = np.where(gain_hi > gain_lo, hi_d, lo_d)
+      gain = np.maximum(gain_lo, gain_hi)
+      pts = centre.copy()
+      idx = np.argsort(-gain, axis=1)[:, :k]
+      rows = np.arange(pts.shape[0])[:, None]
+      pts[rows, idx] = target[rows, idx]
+    return pts.reshape((B, 2 * R) + shape)
+  alpha = 2.5 * eps / steps
+  if norm == "linf":
+    lo, hi = centre - eps, centre + eps
+    if domain is not None:
+      lo, hi = np.clip(lo, *domain), np.clip(hi, *domain)
+      lo, hi = np.minimum(lo, centre), np.maximum(hi, centre)
+    pts = rng.uniform(lo, hi)
+    for _ in range(steps):
+      pts = np.clip(pts + alpha * np.sign(grad(pts)), lo, hi)
+  elif norm == "l2":
+    d = rng.normal(size=centre.shape)
+    d *= eps * 0.5 / np.linalg.norm(d, axis=1, keepdims=True)
+    for _ in range(steps):
+      g = grad(centre + d)
+      d = d + alpha * g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-12)
+      d *= np.minimum(1.0, eps / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-12))
+    pts = centre + d
+  else:  # l1: greedy coordinate steps, projected
+    d = np.zeros_like(centre)
+    rows = np.arange(d.shape[0])
+    for _ in range(steps):
+      g = grad(centre + d)
+      i = np.argmax(np.abs(g), axis=1)
+      d[rows, i] += alpha * np.sign(g[rows, i]) * 2.0
+      d = project_l1(d, eps)
+    pts = centre + d
+  return pts.reshape((B, 2 * R) + shape)
+
+
+def sample_points(x, eps, norm, n, k=None, domain=None, seed=0):
+  """Random points of the threat set around each example: (B, n', *shape)."""
+  rng = np.random.default_rng(seed)
+  B = x.shape[0]
+  shape = x.shape[1:]
+  D = int(np.prod(shape))
+  xf = x.reshape(B, 1, D).astype(np.float64)
+  parts = []
+  q = n // 4
+  if norm == "linf":
+    s = rng.choice([-1.0, 1.0], size=(B, 2 * q, D))
+    parts.append(xf + eps * s)                                       # vertices
+    parts.append(xf + eps * rng.uniform(-1, 1, (B, q, D)))           # interior
+    mixed = rng.uniform(-1, 1, (B, q, D))
+    face = rng.uniform(size=(B, q, D)) < 0.7
+    mixed[face] = np.sign(mixed[face])
+    parts.append(xf + eps * mixed)                                   # faces
+    pts = np.concatenate(parts, axis=1)
+    if domain is not None:
+      pts = np.clip(pts, *domain)
+  elif norm == "l2":
+    g = rng.normal(size=(B, 3 * q, D))
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    parts.append(xf + eps * g)                                       # sphere
+    g = rng.normal(size=(B, q, D))
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    parts.append(xf + eps * g * rng.uniform(size=(B, q, 1)) ** (1.0 / D))  # interior
+    pts = np.concatenate(parts, axis=1)
+  elif norm == "l1":
+    eye = np.eye(D)
+    parts.append(xf + eps * np.concatenate([eye, -eye])[None])       # all 2D vertices
+    dirich = rng.dirichlet(np.ones(D), size=(B, 2 * q))
+    sgn = rng.choice([-1.0, 1.0], size=(B, 2 * q, D))
+    parts.append(xf + eps * sgn * dirich)                            # surface
+    parts.append(xf + eps * sgn[:, :q] * dirich[:, :q] * rng.uniform(size=(B, q, 1)))
+    pts = np.concatenate(parts, axis=1)
+  elif norm == "l0":
+    lo_d, hi_d = domain if domain is not None else (0.0, 1.0)
+    pts = np.repeat(xf, 2 * q, axis=1)
+    for b in range(B):
+      for i in range(2 * q):
+        idx = rng.choice(D, size=k, replace=False)
+        if i % 2:
+          pts[b, i, idx] = rng.uniform(lo_d, hi_d, size=k)           # any value
+        else:
+          pts[b, i, idx] = rng.choice([lo_d, hi_d], size=k)          # extremes
+  else:
+    raise ValueError(norm)
+  return pts.reshape((B, -1) + shape)
+
+
+# ------------------------------------------------------------ 1. soundness (MC)
+
+def _mlp(num_classes=3, hidden=(16, 16), ensemble=1):
+  return dm_jax.get_model("mlp", num_classes, ensemble=ensemble, hidden=hidden)
+
+
+SOUNDNESS_MODELS = {
+    # name: (model factory, input shape, linf eps, l2 eps, l1 eps, l0 k)
+    "mlp": (lambda: _mlp(), (6, 6, 1), 0.08, 0.4, 1.0, 3),
+    "small": (lambda: dm_jax.get_model("small", 10), (8, 8, 1), 0.05, 0.3, 0.8, 2),
+    "pooling": (lambda: dm_jax.get_model("pooling", 10), (8, 8, 1), 0.06, 0.3, 0.8, 2),
+    "resnet": (lambda: dm_jax.get_model("resnet", 10), (8, 8, 1), 0.05, 0.3, 0.8, 2),
+    "ensemble2_mlp": (lambda: _mlp(ensemble=2), (6, 6, 1), 0.08, 0.4, 1.0, 3),
+}
+SETS = ("linf", "linf_box", "l2", "l1", "l0")
+
+
+@functools.lru_cache(maxsize=None)
+def _soundness_setup(name):
+  factory, shape, *_ = SOUNDNESS_MODELS[name]
+  model = factory()
+  params = random_params(model, shape, seed=len(name))
+  return model, params
+
+
+def _soundness_cases():
+  cases = []
+  for name in SOUNDNESS_MODELS:
+    for s in SETS:
+      slow = name in ("pooling", "resnet", "ensemble2_mlp") and s in ("l1", "l0")
+      marks = [pytest.mark.slow] if slow else []
+      cases.append(pytest.param(name, s, marks=marks, id=f"{name}-{s}"))
+  return cases
+
+
+@pytest.mark.parametrize("name,set_name", _soundness_cases())
+def test_mc_soundness(name, set_name):
+  _, shape, e_inf, e_2, e_1, k0 = SOUNDNESS_MODELS[name]
+  model, params = _soundness_setup(name)
+  apply_fn = model.apply
+  B = 2
+  x = nominal_inputs(shape, B, seed=7)
+  norm = "linf" if set_name == "linf_box" else set_name
+  domain = (0.0, 1.0) if set_name == "linf_box" else None
+  eps = {"linf": e_inf, "l2": e_2, "l1": e_1, "l0": 0.0}[norm]
+  k = k0 if norm == "l0" else None
+  num_classes = int(apply_fn(params, jnp.asarray(x[:1])).shape[-1])
+  rng = np.random.default_rng(3)
+  y = rng.integers(0, num_classes, size=B)
+  spec = np.concatenate([rng.normal(size=(B, 3, num_classes)),
+                         np.asarray(linear.margin_spec(jnp.asarray(y), num_classes))],
+                        axis=1).astype(np.float32)
+
+  # Not vacuous: a decent share of ReLUs is unstable under the linear bounds.
+  stab = certify_lib.relu_stability(apply_fn, params, jnp.asarray(x), eps, norm,
+                                    method="crown", k=k, domain=domain)
+  frac = stab["unstable"].sum() / stab["total"].sum()
+  assert frac >= 0.08, f"only {frac:.3f} of the ReLUs are unstable: test too easy"
+
+  pts = sample_points(x, eps, norm, 400, k=k, domain=domain, seed=11)
+  pts = np.concatenate(
+      [pts, directed_points(apply_fn, params, x, spec, eps, norm, domain, k)], axis=1)
+  n = pts.shape[1]
+  f = np.asarray(_jit_apply(apply_fn)(params, jnp.asarray(
+      pts.reshape((-1,) + shape), jnp.float32))).reshape(B, n, -1)
+  vals = np.einsum("bnk,brk->bnr", f.astype(np.float64), spec.astype(np.float64))
+  vmin, vmax = vals.min(axis=1), vals.max(axis=1)
+  tol = 1e-4 * (1.0 + np.abs(vals).max())
+  for method in METHODS:
+    b = linear.linear_bounds(apply_fn, params, jnp.asarray(x), eps, norm,
+                             spec=jnp.asarray(spec), method=method, k=k, domain=domain)
+    lo, up = np.asarray(b.lower, np.float64), np.asarray(b.upper, np.float64)
+    assert lo.shape == up.shape == (B, spec.shape[1])
+    assert np.all(np.isfinite(lo)) and np.all(np.isfinite(up)), method
+    bad_lo = lo - vmin
+    bad_up = vmax - up
+    assert np.all(bad_lo <= tol), (
+        f"{method}: lower bound above a sampled value by {bad_lo.max():.3g} "
+        f"(row {np.unravel_index(bad_lo.argmax(), bad_lo.shape)})")
+    assert np.all(bad_up <= tol), (
+        f"{method}: upper bound below a sampled value by {bad_up.max():.3g} "
+        f"(row {np.unravel_index(bad_up.argmax(), bad_up.shape)})")
+
+
+def test_mc_soundness_default_spec_and_per_example_eps():
+  """spec=None bounds every logit; per-example (B,) eps and elementwise linf eps."""
+  model, params = _soundness_setup("mlp")
+  shape = SOUNDNESS_MODELS["mlp"][1]
+  x = nominal_inputs(shape, 2, seed=5)
+  eps_b = np.array([0.02, 0.1], np.float32)
+  eps_el = (np.random.default_rng(0).uniform(0.0, 0.1, x.shape)).astype(np.float32)
+  for eps in (eps_b, eps_el):
+    e = eps if eps.ndim > 1 else eps.reshape(-1, 1, 1, 1)
+    rng = np.random.default_rng(1)
+    pts = x[:, None] + e[:, None] * rng.choice([-1.0, 1.0], size=(2, 300) + shape)
+    f = np.asarray(_jit_apply(model.apply)(params, jnp.asarray(
+        pts.reshape((-1,) + shape), jnp.float32))).reshape(2, 300, -1)
+    for method in METHODS:
+      b = linear.linear_bounds(model.apply, params, jnp.asarray(x), jnp.asarray(eps),
+                               "linf", method=method)
+      assert np.all(np.asarray(b.lower)[:, None] <= f + 1e-4), method
+      assert np.all(np.asarray(b.upper)[:, None] >= f - 1e-4), method
+  # The radius matters: per-example eps must not be mixed up between examples.
+  lo_small = linear.linear_bounds(model.apply, params, jnp.asarray(x), 0.02, "linf",
+                                  method="crown").lower
+  lo_mixed = linear.linear_bounds(model.apply, params, jnp.asarray(x), eps_b, "linf",
+                                  method="crown").lower
+  np.testing.assert_allclose(lo_mixed[0], lo_small[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------ 2. comparison with the MIP
+
+GAPS = collections.defaultdict(list)        # method -> list of (mip - bound) gaps
+FASTLIN_VS_CROWN = collections.Counter()    # "fastlin", "crown", "tie"
+MIP_TOL = 1e-5
+
+
+class TinyConv(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2), padding="SAME")(x))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class TinyPool(nn.Module):
+  num_classes: int = 3
+  relu_first: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3, 3), padding="SAME")(x)
+    if self.relu_first:
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    else:
+      x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(self.num_classes)(x)
+
+
+def _compare_with_mip(model, params, x, y, eps, norm, domain=None, label=""):
+  """Asserts every certifier's margins <= MIP's and IBP <= Zero; records the gaps."""
+  apply_fn = model.apply
+  res = mip.exact_margins(apply_fn, params, jnp.asarray(x), y, eps, norm, domain=domain,
+                          time_limit=30.0)
+  off = ~np.eye(res.min_margin.shape[1], dtype=bool)[y]
+  assert np.all(res.status[off] == "optimal"), res.status
+  exact = res.min_margin[off]
+  # The MIP's own consistency: its minimiser lies in the set and attains the value.
+  att = res.attained_margin[off]
+  assert np.all(att >= exact - 1e-5 * (1 + np.abs(exact)))
+  np.testing.assert_allclose(att, exact, atol=1e-4, rtol=1e-4)
+  bounds = {}
+  for method in METHODS:
+    lb = np.asarray(linear.margin_lower_bounds(apply_fn, params, jnp.asarray(x),
+                                               jnp.asarray(y), eps, norm, method=method,
+                                               domain=domain), np.float64)
+    assert np.all(lb[~off] == 0.0), f"{method}: margin at j == y must be 0"
+    lb = lb[off]
+    viol = lb - exact
+    assert np.all(viol <= MIP_TOL * (1 + np.abs(exact))), (
+        f"{label} {method} {norm} eps={eps}: lower bound exceeds the exact minimum by "
+        f"{viol.max():.3g}")
+    bounds[method] = lb
+    GAPS[method].extend((exact - lb).tolist())
+  # Appendix K: CNN-Cert-Zero is never looser than IBP (elementwise).
+  worse = bounds["ibp"] - bounds["zero"]
+  assert np.all(worse <= 1e-5 * (1 + np.abs(bounds["zero"]))), (
+      f"{label}: IBP tighter than CNN-Cert-Zero by {worse.max():.3g}")
+  d = bounds["fastlin"] - bounds["crown"]
+  FASTLIN_VS_CROWN["fastlin"] += int(np.sum(d > 1e-6))
+  FASTLIN_VS_CROWN["crown"] += int(np.sum(d < -1e-6))
+  FASTLIN_VS_CROWN["tie"] += int(np.sum(np.abs(d) <= 1e-6))
+  return res, bounds
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("norm,eps_list", [("linf", (0.03, 0.1, 0.25)),
+                                           ("l1", (0.2, 0.6))])
+def test_mlp_vs_mip(seed, norm, eps_list):
+  model = _mlp(3, hidden=(8, 8))
+  params = random_params(model, (4,), seed=100 + seed, bias_std=0.3)
+  x = nominal_inputs((4,), 4, seed=seed)
+  y = np.random.default_rng(seed).integers(0, 3, size=4)
+  for eps in eps_list:
+    _compare_with_mip(model, params, x, y, eps, norm, label=f"mlp seed {seed}")
+
+
+def test_mlp_vs_mip_with_domain():
+  model = _mlp(3, hidden=(8, 8))
+  params = random_params(model, (4,), seed=7, bias_std=0.3)
+  x = nominal_inputs((4,), 4, seed=7)
+  y = np.array([0, 1, 2, 0])
+  for eps in (0.1, 0.3):
+    res_box, b_box = _compare_with_mip(model, params, x, y, eps, "linf", domain=(0.0, 1.0),
+                                       label="mlp box")
+    res, b = _compare_with_mip(model, params, x, y, eps, "linf", label="mlp")
+    off = ~np.eye(3, dtype=bool)[y]
+    # The box only shrinks the set: the exact minimum and the bounds can only go up.
+    assert np.all(res_box.min_margin[off] >= res.min_margin[off] - 1e-5)
+    for m in METHODS:
+      assert np.all(b_box[m] >= b[m] - 1e-5), m
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.08])
+def test_conv_vs_mip(eps):
+  model = TinyConv()
+  params = random_params(model, (6, 6, 1), seed=3, bias_std=0.2)
+  x = nominal_inputs((6, 6, 1), 3, seed=3)
+  y = np.array([0, 1, 2])
+  res, _ = _compare_with_mip(model, params, x, y, eps, "linf", label="conv")
+  assert res.num_binaries.max() > 0  # some unstable ReLUs: not a trivial comparison
+
+
+@pytest.mark.parametrize("relu_first", [True, False])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("linf", 0.15), ("l1", 0.5)])
+def test_maxpool_vs_mip(relu_first, norm, eps):
+  model = TinyPool(relu_first=relu_first)
+  params = random_params(model, (4, 4, 1), seed=5, bias_std=0.2)
+  x = nominal_inputs((4, 4, 1), 3, seed=5)
+  y = np.array([2, 0, 1])
+  res, _ = _compare_with_mip(model, params, x, y, eps, norm, label="pool")
+  assert res.num_binaries.max() > 0
+
+
+@pytest.mark.slow
+def test_resnet_vs_mip():
+  model = dm_jax.get_model("resnet", 3, width=2)
+  params = random_params(model, (4, 4, 1), seed=9, bias_std=0.2)
+  x = nominal_inputs((4, 4, 1), 3, seed=9)
+  y = np.array([0, 2, 1])
+  for eps in (0.05, 0.15):
+    _compare_with_mip(model, params, x, y, eps, "linf", label="resnet")
+
+
+def test_zz_gap_summary():
+  """Prints the average gap to the MIP per method and fastlin-vs-crown counts."""
+  if not GAPS:
+    pytest.skip("no MIP comparison ran")
+  lines = ["", "gap to the exact MIP minimum of the margin lower bounds:",
+           f"{'method':>10} {'n':>5} {'mean gap':>10} {'median':>9} {'tight(<=1e-4)':>14}"]
+  summary = {}
+  for m in METHODS:
+    g = np.array(GAPS[m])
+    tight = float(np.mean(g <= 1e-4))
+    summary[m] = (float(g.mean()), tight)
+    lines.append(f"{m:>10} {g.size:>5} {g.mean():>10.4f} {np.median(g):>9.4f} "
+                 f"{100 * tight:>13.1f}%")
+  lines.append(f"fastlin tighter: {FASTLIN_VS_CROWN['fastlin']}, crown tighter: "
+               f"{FASTLIN_VS_CROWN['crown']}, tie: {FASTLIN_VS_CROWN['tie']}")
+  print("\n".join(lines))
+  # Zero never looser than IBP elementwise, hence on average too.
+  assert summary["zero"][0] <= summary["ibp"][0] + 1e-6
+  assert all(np.all(np.array(GAPS[m]) >= -1e-4) for m in METHODS)
+
+
+# ---------------------------------------------------------------- 3. jit and grad
+
+class JitGradTest(chex.TestCase):
+
+  def _variant_is_jit(self):
+    return self._testMethodName.endswith("with_jit")
+
+  def setUp(self):
+    super().setUp()
+    self.model = _mlp(3, hidden=(8, 8))
+    self.params = random_params(self.model, (6,), seed=21, bias_std=0.2)
+    self.x = jnp.asarray(nominal_inputs((6,), 3, seed=21))
+    self.y = jnp.array([0, 1, 2])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*([(m, "linf") for m in METHODS]
+                              + [("crown", "l2"), ("crown_ibp", "l2"), ("fastlin", "l1")]))
+  def test_jit_equals_eager(self, method, norm):
+    eps = 0.1 if norm == "linf" else 0.3
+    fn = lambda p, x, y, e: linear.margin_lower_bounds(self.model.apply, p, x, y, e, norm,
+                                                       method=method)
+    ref = np.asarray(fn(self.params, self.x, self.y, eps))
+    got = np.asarray(self.variant(fn)(self.params, self.x, self.y, jnp.float32(eps)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # With a traced per-example eps too.
+    e = jnp.full((3,), eps, jnp.float32)
+    got2 = np.asarray(self.variant(fn)(self.params, self.x, self.y, e))
+    np.testing.assert_allclose(got2, ref, rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("fastlin", "linf"), ("crown_ibp", "linf"),
+                            ("fastlin", "l2"), ("crown_ibp", "l2"), ("zero", "l1"))
+  def test_grad_finite(self, method, norm):
+    eps = {"linf": 0.1, "l2": 0.3, "l1": 0.5}[norm]
+
+    def loss(p):
+      lb = linear.margin_lower_bounds(self.model.apply, p, self.x, self.y, eps, norm,
+                                      method=method)
+      return jnp.mean(lb)
+
+    val, g = self.variant(jax.value_and_grad(loss))(self.params)
+    leaves = jax.tree_util.tree_leaves(g)
+    assert np.isfinite(float(val))
+    assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves), method
+    assert any(np.any(np.asarray(l) != 0) for l in leaves), "gradient is all zero"
+    if not self._variant_is_jit():
+      return
+    # The directional derivative agrees with difference quotients. The bounds of crown
+    # and zero (and crown_ibp) jump where a ReLU changes its relaxation, so compare with
+    # the median quotient over a small grid rather than one central difference.
+    d = jax.tree_util.tree_map(
+        lambda l: jnp.asarray(np.random.default_rng(0).normal(size=l.shape), l.dtype), g)
+    loss_j = jax.jit(loss)
+    ts = np.linspace(-1e-3, 1e-3, 11)
+    vals = [float(loss_j(jax.tree_util.tree_map(lambda a, b: a + t * b, self.params, d)))
+            for t in ts]
+    fd = float(np.median(np.diff(vals) / np.diff(ts)))
+    an = sum(float(jnp.sum(a * b)) for a, b in zip(leaves, jax.tree_util.tree_leaves(d)))
+    np.testing.assert_allclose(an, fd, rtol=5e-2, atol=1e-2)
+
+
+def test_grad_conv_crown_ibp_finite():
+  """Gradient through a conv model's CROWN-IBP bound (the training path) is finite."""
+  model = TinyConv()
+  params = random_params(model, (6, 6, 1), seed=4)
+  x = jnp.asarray(nominal_inputs((6, 6, 1), 2, seed=4))
+  y = jnp.array([0, 1])
+  g = jax.grad(lambda p: jnp.mean(linear.margin_lower_bounds(
+      model.apply, p, x, y, 0.05, "linf", method="crown_ibp")))(params)
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g))
