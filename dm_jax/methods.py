@@ -376,7 +376,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                domain: Optional[Tuple[float, float]] = (0.0, 1.0),
                k: Optional[int] = None, ibp_margin: bool = False,
                crown_ibp_beta: Union[float, str] = 1.0, dm_domain: bool = False,
-               mmr_units: int = 256, mmr_k_b: int = 100, mmr_k_d: Optional[int] = None,
+               mmr_units: int = 128, mmr_k_b: int = 64, mmr_k_d: Optional[int] = None,
                mmr_gamma_factor: float = 1.5, mmr_lam_d: float = 1.0) -> Method:
   """Builds a training :class:`Method` by name.
 
@@ -408,9 +408,11 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
       default) or the string "lam" to use ``hyper.lam`` as beta (so the trainer can
       ramp it from 1 to 0 as Zhang et al. do).
     dm_domain: dm*: intersect the DM start interval with ``domain``.
-    mmr_units: mmr: number of ReLU units sampled per example (uniformly, with
-      replacement) whose region-boundary distance is computed; each costs one
-      backward pass, so this bounds memory/time. Croce et al. use all units.
+    mmr_units: mmr: number of distinct ReLU units sampled per example (uniformly
+      without replacement, fresh each step) whose region-boundary distance
+      |z_i| / ||grad_x z_i||_q is computed; each costs one backward pass (memory about
+      B x units x #activations floats), so this bounds memory/time. Croce et al. use
+      all units; the k_B smallest are then taken among the sampled ones (choice).
     mmr_k_b: mmr: the k_B smallest boundary distances penalised (min(k_B, units)).
     mmr_k_d: mmr: the k_D smallest decision distances (default K - 1: all).
     mmr_gamma_factor: mmr: gamma_B = gamma_D = factor * hyper.eps (choice).
@@ -558,17 +560,19 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     ce = cross_entropy(logits, y)
     bsz, num_classes = logits.shape
     gamma = mmr_gamma_factor * hyper.eps
-    gamma_safe = jnp.maximum(gamma, 1e-12)
+    on = gamma > 0
+    gamma_safe = jnp.where(on, gamma, 1.0)
 
     def hinge(d):  # max(0, 1 - d / gamma); 0 while gamma = 0 (warm-up)
-      return jax.nn.relu(gamma - d) / gamma_safe
+      return jnp.where(on, jax.nn.relu(1.0 - d / gamma_safe), 0.0)
 
     # Region boundaries: |z_i(x)| / ||grad_x z_i(x)||_q for sampled ReLU units.
     pre, vjp_pre = jax.vjp(lambda xx: _relu_preactivations(apply_fn, params, xx), x)
     n_all = pre.shape[1]
     if n_all > 0:
       n_s = min(mmr_units, n_all)
-      idx = jax.random.randint(key, (n_s, bsz), 0, n_all)
+      # n_s distinct units per example, uniformly without replacement.
+      idx = lax.top_k(jax.random.uniform(key, (bsz, n_all)), n_s)[1].T  # (S, B)
       cots = jax.nn.one_hot(idx, n_all, dtype=pre.dtype)        # (S, B, U)
       grads = jax.vmap(lambda c: vjp_pre(c)[0])(cots)           # (S, B, ...)
       gnorm = jax.vmap(lambda g: _flat_norm(g, q))(grads)       # (S, B)
@@ -593,8 +597,8 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     gnorm = jax.vmap(lambda g: _flat_norm(g, q))(grads).T       # (B, K)
     diff = jnp.take_along_axis(logits, y[:, None], axis=-1) - logits
     d_d = diff / jnp.maximum(gnorm, 1e-12)
-    is_y = onehot_y > 0
-    d_d = jnp.where(is_y, jnp.inf, d_d)
+    # j = y, or a margin constant in the region (zero gradient): no boundary to reach.
+    d_d = jnp.where((onehot_y > 0) | (gnorm <= 1e-12), jnp.inf, d_d)
     kd = num_classes - 1 if mmr_k_d is None else min(mmr_k_d, num_classes - 1)
     smallest_d = -lax.top_k(-d_d, kd)[0]
     reg_d = jnp.mean(hinge(smallest_d))
