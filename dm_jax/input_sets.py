@@ -112,6 +112,10 @@ def make_input_set(x, eps, norm="linf", k=None, domain=None) -> InputSet:
       raise ValueError(f"eps must be >= 0; got {np.asarray(eps).min()}.")
     if _is_concrete(eps) and not bool(np.all(np.isfinite(np.asarray(eps)))):
       raise ValueError("eps must be finite.")
+    if not _is_concrete(eps):
+      # A traced eps cannot be checked here; a negative or non-finite one turns the
+      # bounds into NaN, which never certifies anything, instead of wrong numbers.
+      eps = jnp.where((eps >= 0) & jnp.isfinite(eps), eps, jnp.nan)
     if eps.ndim == 0:
       eps_b = jnp.broadcast_to(eps, x.shape)
     elif eps.shape == (x.shape[0],):

@@ -44,7 +44,9 @@ def trace(apply_fn: Callable, params: Any, x: jax.Array):
 
   try:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves, x)
-  except (TypeError, ValueError, IndexError) as err:
+  except Exception as err:  # pylint: disable=broad-except
+    # Any failure while tracing (jax shape errors, Flax's ScopeParamShapeError, ...) means
+    # the model cannot run on this input; report it as a ValueError naming the shape.
     raise ValueError(
         f"apply_fn(params, x) failed for x of shape {tuple(x.shape)} and dtype {x.dtype}; "
         f"is the input shape the one the model was built for? ({type(err).__name__}: "
@@ -115,7 +117,10 @@ def interpret(body, args: Sequence[Any], is_abstract: Callable[[Any], bool],
     elif any(is_abstract(v) for v in invals):
       outvals = rule(eqn, invals)
     else:
-      out = eqn.primitive.bind(*invals, **eqn.params)
+      # Compile-time evaluation keeps input-independent constants built from literals
+      # (e.g. zeros_like) concrete under an outer jit, so ReLU patterns stay recognisable.
+      with jax.ensure_compile_time_eval():
+        out = eqn.primitive.bind(*invals, **eqn.params)
       outvals = list(out) if eqn.primitive.multiple_results else [out]
     for var, val in zip(eqn.outvars, outvals):
       if not isinstance(var, jex_core.DropVar):

@@ -338,7 +338,8 @@ def _identity_bounds(tape, node, bounds, method, chunk_bytes):
   if n_chunks == 1:
     lo, up = one_chunk(0)
   else:
-    lo, up = lax.map(one_chunk, jnp.arange(n_chunks) * chunk)
+    # Rematerialised under grad, so training keeps one chunk of residuals, not all.
+    lo, up = lax.map(jax.checkpoint(one_chunk), jnp.arange(n_chunks) * chunk)
     lo = jnp.moveaxis(lo, 0, 1).reshape(batch, -1)
     up = jnp.moveaxis(up, 0, 1).reshape(batch, -1)
   return lo[:, :n].reshape(value_lo.shape), up[:, :n].reshape(value_lo.shape)

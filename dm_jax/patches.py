@@ -251,7 +251,8 @@ def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
   if n_chunks == 1:
     lo, up = one(0)
   else:
-    lo, up = lax.map(one, jnp.arange(n_chunks) * chunk)  # (n, b, h, w, chunk)
+    # Rematerialised under grad, so training keeps one chunk of residuals, not all.
+    lo, up = lax.map(jax.checkpoint(one), jnp.arange(n_chunks) * chunk)  # (n, b, h, w, c)
     lo = jnp.moveaxis(lo, 0, 3).reshape(b, h, w, -1)
     up = jnp.moveaxis(up, 0, 3).reshape(b, h, w, -1)
   return lo[..., :c], up[..., :c]

@@ -287,6 +287,11 @@ def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
     return InputAffine(_bind(eqn, sym.value), _bind(eqn, sym.scale), _bind(eqn, sym.raw))
   if name == "neg":
     return InputAffine(-sym.value, -sym.scale, sym.raw)
+  if name == "pad" and i == 0 and not isinstance(invals[1], (InputAffine, Abstract)):
+    # Padded positions are constants: scale 0, so they never count in a row norm.
+    zero = jnp.zeros((), sym.scale.dtype)
+    return InputAffine(_bind(eqn, sym.value, invals[1]), _bind(eqn, sym.scale, zero),
+                       _bind(eqn, sym.raw, zero))
   if name in ("dot_general", "conv_general_dilated"):
     return exact_first_linear(eqn, invals, iset, domain)
   if not same_shape:

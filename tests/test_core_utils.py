@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,16 +25,23 @@ RTOL = 1e-5
 
 # ------------------------------------------------------------------------ models
 
-def randomize_biases(params, seed: int, scale: float = 0.1):
-  """Replaces every bias (zero at init) by N(0, scale^2) so biases are exercised."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+def init_params(model, shape, seed: int):
+  """Parameters with the shapes ``model.init`` would give, drawn with numpy (fast).
+
+  Kernels are N(0, 1/fan_in) (the init of SPEC.md), biases N(0, 0.1^2) (non-zero so the
+  bias path is exercised). Only shapes come from Flax (``jax.eval_shape``, no compute).
+  """
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape)))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
   rng = np.random.default_rng(seed)
   out = []
   for path, leaf in leaves:
-    name = str(path[-1])
-    if "bias" in name:
-      leaf = jnp.asarray(rng.normal(0.0, scale, leaf.shape), leaf.dtype)
-    out.append(leaf)
+    if "bias" in str(path[-1]):
+      val = rng.normal(0.0, 0.1, leaf.shape)
+    else:
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      val = rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape)
+    out.append(jnp.asarray(val, leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -42,9 +49,7 @@ def randomize_biases(params, seed: int, scale: float = 0.1):
 def model_and_params(arch: str, shape: Tuple[int, ...], num_classes: int = 10,
                      seed: int = 0, ensemble: int = 1):
   model = dm_jax.get_model(arch, num_classes, ensemble=ensemble)
-  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + tuple(shape)))
-  params = randomize_biases(params, seed + 100)
-  return model, params
+  return model, init_params(model, shape, seed)
 
 
 def nominal_inputs(shape, batch: int, seed: int) -> np.ndarray:
@@ -239,7 +244,9 @@ def assert_within(lower, upper, vmin, vmax, what: str, rtol: float = RTOL):
 # ------------------------------------------------------------ numpy forward passes
 # Independent numpy (float64) implementations of the architectures of SPEC.md, run in
 # several "domains": concrete values, IBP in the W+/W- form, and the Double Margin
-# triple (and its variants) exactly as the paper's equations state them.
+# triple (and its variants) exactly as the paper's equations state them. Convolutions
+# are written with explicit patches (im2col); the first layer's exact range over an
+# l2 / l1 / l0 ball is computed from the patches too.
 
 def same_pads(size: int, k: int, s: int) -> Tuple[int, int]:
   out = -(-size // s)
@@ -247,18 +254,75 @@ def same_pads(size: int, k: int, s: int) -> Tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def np_conv(x, kernel, stride, pads):
-  """NHWC conv, kernel (kh, kw, C, O), pads ((top, bottom), (left, right))."""
-  kh, kw, _, o = kernel.shape
+def np_patches(x, kh, kw, stride, pads):
+  """(B, H, W, C) -> (B, Ho, Wo, kh, kw, C), zero padded."""
   xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   ho = (xp.shape[1] - kh) // stride + 1
   wo = (xp.shape[2] - kw) // stride + 1
-  out = np.zeros((x.shape[0], ho, wo, o))
+  out = np.zeros((x.shape[0], ho, wo, kh, kw, x.shape[3]))
   for di in range(kh):
     for dj in range(kw):
-      patch = xp[:, di:di + stride * (ho - 1) + 1:stride, dj:dj + stride * (wo - 1) + 1:stride]
-      out += np.einsum("bhwc,co->bhwo", patch, kernel[di, dj])
+      out[:, :, :, di, dj, :] = xp[:, di:di + stride * (ho - 1) + 1:stride,
+                                  dj:dj + stride * (wo - 1) + 1:stride, :]
   return out
+
+
+class LinearMap:
+  """A conv (NHWC, kernel (kh, kw, C, O)) or a dense layer (kernel (I, O)), by hand."""
+
+  def __init__(self, kernel, bias, stride=1, padding=None):
+    self.kernel, self.bias, self.stride, self.padding = kernel, bias, stride, padding
+    self.is_conv = kernel.ndim == 4
+
+  def _pads(self, x):
+    kh, kw = self.kernel.shape[:2]
+    if self.padding == "SAME":
+      return (same_pads(x.shape[1], kh, self.stride), same_pads(x.shape[2], kw, self.stride))
+    p = self.padding
+    return ((p, p), (p, p))
+
+  def patches(self, x):
+    """(B, ..., P) patches and the (P, O) kernel matrix."""
+    if self.is_conv:
+      kh, kw = self.kernel.shape[:2]
+      pt = np_patches(x, kh, kw, self.stride, self._pads(x))
+      return pt.reshape(pt.shape[:3] + (-1,)), self.kernel.reshape(-1, self.kernel.shape[-1])
+    return x, self.kernel
+
+  def apply(self, x, kernel=None):
+    """Linear part only (no bias), with ``kernel`` in place of the layer's if given."""
+    pt, kmat = self.patches(x)
+    if kernel is not None:
+      kmat = kernel.reshape(kmat.shape)
+    return pt @ kmat
+
+  def __call__(self, x):
+    return self.apply(x) + self.bias
+
+  def first_layer_range(self, x, eps, norm, k=None):
+    """Exact (nominal, down, up) of this layer over the norm ball around x (B, ...)."""
+    eps = np.broadcast_to(np.reshape(eps, (-1,) + (1,) * (x.ndim - 1)), x.shape)
+    pt, kmat = self.patches(x)
+    pe, _ = self.patches(eps)
+    nominal = pt @ kmat + self.bias
+    coef = pe[..., :, None] * kmat  # (B, ..., P, O): eps_i * W_ij
+    if norm == "linf":
+      h = np.abs(coef).sum(-2)
+    elif norm == "l2":
+      h = np.sqrt((coef ** 2).sum(-2))
+    elif norm == "l1":
+      h = np.abs(coef).max(-2)
+    elif norm == "l0":
+      mask, _ = self.patches(np.ones_like(x))  # 0 where a conv sees zero padding
+      w = mask[..., :, None] * kmat
+      raw = pt[..., :, None]
+      up = np.maximum(np.maximum(w * (1 - raw), -w * raw), 0)
+      down = np.maximum(np.maximum(-w * (1 - raw), w * raw), 0)
+      topk = lambda t: -np.sort(-t, axis=-2)[..., :k, :].sum(-2)
+      return nominal, topk(down), topk(up)
+    else:
+      raise ValueError(norm)
+    return nominal, h, h
 
 
 def np_maxpool(x, k=2, s=2):
@@ -275,14 +339,21 @@ def np_relu(x):
   return np.maximum(x, 0.0)
 
 
+class RawInput:
+  """The perturbation set, before the first linear layer (l2 / l1 / l0 balls)."""
+
+  def __init__(self, x, eps, norm, k=None):
+    self.x, self.eps, self.norm, self.k = x, eps, norm, k
+
+
 class Concrete:
   """Plain evaluation; records ReLU inputs."""
 
   def __init__(self):
     self.relu_inputs = []
 
-  def linear(self, x, lin, bias):
-    return lin(x) + bias
+  def linear(self, x, layer):
+    return layer(x)
 
   def relu(self, x):
     self.relu_inputs.append(x)
@@ -298,43 +369,65 @@ class Concrete:
     return x.reshape(x.shape[0], -1)
 
 
-class Interval:
-  """IBP in the W+/W- form of SPEC.md: values are (l, u)."""
+class _Abstract:
+  """Domains whose values are tuples of same-shape arrays."""
 
   def __init__(self):
     self.relu_inputs = []
 
-  def linear(self, x, lin, bias, pos_neg):
-    l, u = x
-    lin_pos, lin_neg = pos_neg
-    return (lin_pos(l) + lin_neg(u) + bias, lin_pos(u) + lin_neg(l) + bias)
-
   def relu(self, x):
     self.relu_inputs.append(x)
-    return (np_relu(x[0]), np_relu(x[1]))
+    return self.monotone(np_relu, x)
 
   def maxpool(self, x):
-    return (np_maxpool(x[0]), np_maxpool(x[1]))
+    return self.monotone(np_maxpool, x)
 
   def add(self, a, b):
-    return (a[0] + b[0], a[1] + b[1])
+    return tuple(p + q for p, q in zip(a, b))
 
   def flatten(self, x):
     return tuple(t.reshape(t.shape[0], -1) for t in x)
 
+  def linear(self, x, layer):
+    if isinstance(x, RawInput):
+      return self.from_range(*layer.first_layer_range(x.x, x.eps, x.norm, x.k))
+    return self.affine(x, layer)
 
-class DoubleMargin:
-  """The paper's eqs.: values are (z, s, v); variant 'dm' or 's_only'."""
+
+class Interval(_Abstract):
+  """IBP in the W+/W- form of SPEC.md: values are (l, u)."""
+
+  def from_range(self, nominal, down, up):
+    return (nominal - down, nominal + up)
+
+  def affine(self, x, layer):
+    l, u = x
+    w = layer.kernel
+    pos = lambda t: layer.apply(t, np.maximum(w, 0))
+    neg = lambda t: layer.apply(t, np.minimum(w, 0))
+    return (pos(l) + neg(u) + layer.bias, pos(u) + neg(l) + layer.bias)
+
+  def monotone(self, g, x):
+    return (g(x[0]), g(x[1]))
+
+
+class DoubleMargin(_Abstract):
+  """The paper's eqs. 7-8: values are (z, s, v); variant 'dm' or 's_only'."""
 
   def __init__(self, variant="dm"):
+    super().__init__()
     self.variant = variant
-    self.relu_inputs = []
 
-  def linear(self, x, lin, bias, abs_lin):
+  def from_range(self, nominal, down, up):
+    s = (up + down) / 2
+    return (nominal, s, np.zeros_like(s))
+
+  def affine(self, x, layer):
     z, s, v = x
-    return (lin(z) + bias, abs_lin(s), abs_lin(v))
+    absw = np.abs(layer.kernel)
+    return (layer(z), layer.apply(s, absw), layer.apply(v, absw))
 
-  def _g(self, g, x):
+  def monotone(self, g, x):
     z, s, v = x
     gz = g(z)
     s2 = (g(z + s) - g(z - s)) / 2
@@ -343,88 +436,41 @@ class DoubleMargin:
     v2 = (g(z + v) - g(z - v)) / 2 + np.abs(g(z + s + v) + g(z - s - v) - 2 * gz) / 2
     return (gz, s2, v2)
 
-  def relu(self, x):
-    self.relu_inputs.append(x)
-    return self._g(np_relu, x)
 
-  def maxpool(self, x):
-    return self._g(np_maxpool, x)
-
-  def add(self, a, b):
-    return tuple(p + q for p, q in zip(a, b))
-
-  def flatten(self, x):
-    return tuple(t.reshape(t.shape[0], -1) for t in x)
-
-
-class IbpPlusV:
+class IbpPlusV(_Abstract):
   """Variation 2: values are (z, l, u, v); IBP's l, u replace z -/+ s in the v rule."""
 
-  def __init__(self):
-    self.relu_inputs = []
+  def from_range(self, nominal, down, up):
+    return (nominal, nominal - down, nominal + up, np.zeros_like(up))
 
-  def linear(self, x, lin, bias, abs_lin, pos_neg):
+  def affine(self, x, layer):
     z, l, u, v = x
-    lin_pos, lin_neg = pos_neg
-    return (lin(z) + bias, lin_pos(l) + lin_neg(u) + bias, lin_pos(u) + lin_neg(l) + bias,
-            abs_lin(v))
+    lo, hi = Interval.affine(self, (l, u), layer)
+    return (layer(z), lo, hi, layer.apply(v, np.abs(layer.kernel)))
 
-  def _g(self, g, x):
+  def monotone(self, g, x):
     z, l, u, v = x
     gz = g(z)
     v2 = (g(z + v) - g(z - v)) / 2 + np.abs(g(u + v) + g(l - v) - 2 * gz) / 2
     return (gz, g(l), g(u), v2)
-
-  def relu(self, x):
-    self.relu_inputs.append(x)
-    return self._g(np_relu, x)
-
-  def maxpool(self, x):
-    return self._g(np_maxpool, x)
-
-  def add(self, a, b):
-    return tuple(p + q for p, q in zip(a, b))
-
-  def flatten(self, x):
-    return tuple(t.reshape(t.shape[0], -1) for t in x)
-
-
-def _layer_call(dom, x, make_lin, w, b):
-  """Calls dom.linear with whatever linear maps the domain needs."""
-  lin = make_lin(w)
-  if isinstance(dom, Concrete):
-    return dom.linear(x, lin, b)
-  pos_neg = (make_lin(np.maximum(w, 0)), make_lin(np.minimum(w, 0)))
-  if isinstance(dom, Interval):
-    return dom.linear(x, lin, b, pos_neg)
-  abs_lin = make_lin(np.abs(w))
-  if isinstance(dom, DoubleMargin):
-    return dom.linear(x, lin, b, abs_lin)
-  return dom.linear(x, lin, b, abs_lin, pos_neg)
 
 
 def np_params(params) -> Dict:
   return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["params"])
 
 
-def conv_layer(dom, x, p, stride, padding, in_hw):
-  k = p["kernel"]
-  if padding == "SAME":
-    pads = (same_pads(in_hw[0], k.shape[0], stride), same_pads(in_hw[1], k.shape[1], stride))
-  else:
-    pads = ((padding, padding), (padding, padding))
-  make = lambda w: (lambda t: np_conv(t, w, stride, pads))
-  return _layer_call(dom, x, make, k, p["bias"])
+def conv(P, stride, padding):
+  return LinearMap(P["kernel"], P["bias"], stride, padding)
 
 
-def dense_layer(dom, x, p):
-  make = lambda w: (lambda t: t @ w)
-  return _layer_call(dom, x, make, p["kernel"], p["bias"])
+def dense(P):
+  return LinearMap(P["kernel"], P["bias"])
 
 
-# (features, kernel, stride, padding) per SPEC.md's architecture table.
+# (features, kernel, stride, padding) of the conv layers and the number of dense layers,
+# per SPEC.md's architecture table.
 CONV_STACKS = {
-    "mlp": ((), 2),
+    "mlp": ((), 3),
     "small": (((16, 4, 2, "SAME"), (32, 4, 1, "SAME")), 2),
     "small_s2": (((16, 4, 2, 1), (32, 4, 2, 1)), 2),
     "pureconv": (((16, 4, 2, 1),) * 3, 1),
@@ -434,35 +480,59 @@ CONV_STACKS = {
 }
 
 
-def _hw(dom, x):
-  t = x if isinstance(dom, Concrete) else x[0]
-  return t.shape[1:3]
+def np_network(arch: str, dom, P, x, n_dense=None):
+  """Runs architecture ``arch`` (SPEC.md) in numpy domain ``dom`` from params P.
 
+  ``x`` is a domain value, or a :class:`RawInput` for the l2 / l1 / l0 balls. ReLU
+  inputs are recorded in ``dom.relu_inputs``.
+  """
+  def flatten(t):
+    return t if isinstance(t, RawInput) else dom.flatten(t)
 
-def np_network(arch: str, dom, P, x):
-  """Runs architecture ``arch`` (SPEC.md) in numpy domain ``dom`` from params P."""
   if arch in CONV_STACKS:
-    convs, n_dense = CONV_STACKS[arch]
-    for i, (_, ksz, stride, pad) in enumerate(convs):
-      x = dom.relu(conv_layer(dom, x, P[f"Conv_{i}"], stride, pad, _hw(dom, x)))
-    x = dom.flatten(x)
-    for j in range(n_dense):
-      x = dense_layer(dom, x, P[f"Dense_{j}"])
-      if j < n_dense - 1:
+    convs, nd = CONV_STACKS[arch]
+    nd = nd if n_dense is None else n_dense
+    for i, (_, _, stride, pad) in enumerate(convs):
+      x = dom.relu(dom.linear(x, conv(P[f"Conv_{i}"], stride, pad)))
+    if isinstance(x, RawInput):  # an MLP: flatten the raw input
+      x = RawInput(x.x.reshape(x.x.shape[0], -1), x.eps, x.norm, x.k)
+    else:
+      x = dom.flatten(x)
+    for j in range(nd):
+      x = dom.linear(x, dense(P[f"Dense_{j}"]))
+      if j < nd - 1:
         x = dom.relu(x)
     return x
   if arch == "resnet":
-    x = dom.relu(conv_layer(dom, x, P["Conv_0"], 2, 1, _hw(dom, x)))
-    h = dom.relu(conv_layer(dom, x, P["Conv_1"], 1, 1, _hw(dom, x)))
-    h = conv_layer(dom, h, P["Conv_2"], 1, 1, _hw(dom, h))
+    x = dom.relu(dom.linear(x, conv(P["Conv_0"], 2, 1)))
+    h = dom.relu(dom.linear(x, conv(P["Conv_1"], 1, 1)))
+    h = dom.linear(h, conv(P["Conv_2"], 1, 1))
     x = dom.relu(dom.add(x, h))
-    return dense_layer(dom, dom.flatten(x), P["Dense_0"])
+    return dom.linear(dom.flatten(x), dense(P["Dense_0"]))
   if arch == "pooling":
     for i in range(2):
-      x = dom.relu(conv_layer(dom, x, P[f"Conv_{i}"], 1, 1, _hw(dom, x)))
+      x = dom.relu(dom.linear(x, conv(P[f"Conv_{i}"], 1, 1)))
       x = dom.maxpool(x)
-    return dense_layer(dom, dom.flatten(x), P["Dense_0"])
+    return dom.linear(dom.flatten(x), dense(P["Dense_0"]))
   raise ValueError(arch)
+
+
+def np_input(dom, x, eps, norm, k=None, domain=None):
+  """The input set as a value of ``dom`` (linf) or a RawInput (other norms)."""
+  if norm != "linf":
+    return RawInput(x, eps, norm, k)
+  eps = np.broadcast_to(np.reshape(eps, (-1,) + (1,) * (x.ndim - 1)) if np.ndim(eps) == 1
+                        else eps, x.shape)
+  lo, hi = x - eps, x + eps
+  if domain is not None:
+    lo, hi = np.clip(lo, *domain), np.clip(hi, *domain)
+  if isinstance(dom, Interval):
+    return (lo, hi)
+  if isinstance(dom, DoubleMargin):  # z stays x; s_0 is the half width of the box
+    return (x, (hi - lo) / 2, np.zeros_like(x))
+  if isinstance(dom, IbpPlusV):
+    return (x, lo, hi, np.zeros_like(x))
+  raise TypeError(dom)
 
 
 def tree_max_abs(tree) -> float:
