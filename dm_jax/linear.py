@@ -362,7 +362,7 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
     elif use_patches and patches.supported(tape, node):
       bounds[node] = patches.identity_bounds(
           tape, node, bounds, method, _relu_relaxation, propagation._topk_sum,
-          propagation._TINY, chunk_bytes)
+          propagation._TINY, chunk_bytes, _window_slices)
     else:
       # Textbook CNN-Cert: the linear bounds are used as they are, not intersected with
       # the interval ones (see WORKSPACE.md).

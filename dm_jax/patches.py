@@ -12,8 +12,8 @@ applied to every window as to a tiny image. ReLU relaxations, biases and element
 constants are read from the windows of their maps (zero outside the map, which also
 removes the coefficients of zero padding).
 
-Only chains of NHWC convolutions, element-wise affine ops, residual additions and ReLUs
-are handled; :mod:`dm_jax.linear` falls back to dense form for anything else. The
+Only chains of NHWC convolutions, element-wise affine ops, residual additions, ReLUs and
+max pooling are handled; :mod:`dm_jax.linear` falls back to dense form for anything else. The
 results equal the dense backward pass exactly (same relaxations, same arithmetic up to
 float rounding).
 """
@@ -90,6 +90,15 @@ def supported(tape, target) -> bool:
     name = e.eqn.primitive.name
     if e.kind == "relu":
       continue
+    if e.kind == "maxpool":
+      p = e.eqn.params
+      if (len(p["window_dimensions"]) != 4 or p["window_dimensions"][0] != 1
+          or p["window_dimensions"][3] != 1 or p["window_strides"][0] != 1
+          or p["window_strides"][3] != 1 or tuple(p["padding"][0]) != (0, 0)
+          or tuple(p["padding"][3]) != (0, 0)
+          or any(d != 1 for d in p["base_dilation"] + p["window_dilation"])):
+        return False
+      continue
     if e.kind != "affine":
       return False
     if name == "conv_general_dilated":
@@ -150,9 +159,10 @@ def _conv_back(patch: Patch, eqn, kernel) -> Patch:
   return Patch(out, K, S, P)
 
 
-def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concretize_fn):
+def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concretize_fn,
+                     window_slices):
   """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like dm_jax.linear's
-  dense ``backward``; ``relaxation`` is linear._relu_relaxation."""
+  dense ``backward``; ``relaxation`` and ``window_slices`` are dm_jax.linear's."""
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
   offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
@@ -177,6 +187,11 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
       A = pos * win(lo_s)[:, :, :, None] + neg * win(up_s)[:, :, :, None]
       offset = offset + _win_sum(pos, win(lo_b)) + _win_sum(neg, win(up_b))
       add(node, Patch(A, patch.K, patch.S, patch.P))
+    elif e.kind == "maxpool":
+      (_, node), = nodes
+      coef, extra = _maxpool_back(patch, e.eqn, bounds[node], win, window_slices)
+      offset = offset + extra
+      add(node, coef)
     elif name == "conv_general_dilated":
       add(nodes[0][1], _conv_back(patch, e.eqn, e.refs[1][1]))
     elif name in _PASS_THROUGH:
@@ -201,6 +216,39 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
   (node, patch), = coeffs.items()
   assert node == 0, node
   return offset + concretize_fn(patch, out_hw)
+
+
+def _maxpool_back(patch: Patch, eqn, pre_bounds, win, window_slices):
+  """Max pooling with the relaxation of dm_jax.linear (DeepPoly's): the coefficients go
+  to the window element with the largest lower bound, negative ones only when it
+  dominates its window (else they meet the constant largest upper bound)."""
+  l, u = pre_bounds
+  lows = window_slices(eqn, l, -jnp.inf)
+  ups = window_slices(eqn, u, -jnp.inf)
+  best = jnp.argmax(jnp.stack(lows), axis=0)
+  best_low = jnp.max(jnp.stack(lows), axis=0)
+  others_up = jnp.stack([jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)])
+  dominated = (best_low >= jnp.max(others_up, axis=0)).astype(l.dtype)
+  max_up = jnp.max(jnp.stack(ups), axis=0)
+  pos, neg = jnp.maximum(patch.A, 0), jnp.minimum(patch.A, 0)
+  extra = _win_sum(neg, win((1 - dominated) * max_up))
+  coef = pos + neg * win(dominated)[:, :, :, None]
+  p = eqn.params
+  k = p["window_dimensions"][1:3]
+  s = p["window_strides"][1:3]
+  K = tuple((patch.K[d] - 1) * s[d] + k[d] for d in range(2))
+  out = 0
+  zero = jnp.zeros((), coef.dtype)
+  for j, offset in enumerate(np.ndindex(*p["window_dimensions"])):
+    chosen = coef * win((best == j).astype(l.dtype))[:, :, :, None]
+    di, dj = offset[1], offset[2]
+    # Window position i of the pooled map reads input position i * s + di.
+    out = out + lax.pad(chosen, zero, [(0, 0, 0)] * 4 + [
+        (di, K[0] - di - ((patch.K[0] - 1) * s[0] + 1), s[0] - 1),
+        (dj, K[1] - dj - ((patch.K[1] - 1) * s[1] + 1), s[1] - 1), (0, 0, 0)])
+  S = tuple(patch.S[d] * s[d] for d in range(2))
+  P = tuple(patch.P[d] * s[d] + p["padding"][1 + d][0] for d in range(2))
+  return Patch(out, K, S, P), extra
 
 
 def tape_interval(tape, node):
@@ -229,7 +277,7 @@ def concretize(patch: Patch, out_hw, iset, topk_sum, tiny):
 
 
 def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
-                    chunk_bytes: int):
+                    chunk_bytes: int, window_slices=None):
   """(l, u) of every element of the NHWC node ``target`` in patch form."""
   ref = tape_interval(tape, target)
   b, h, w, c = ref.shape
@@ -245,7 +293,8 @@ def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
     A = jnp.broadcast_to(rows[None, None, None, :, None, None, :], (b, h, w, 2 * chunk, 1, 1, c))
     low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
                            relaxation,
-                           lambda p, hw: concretize(p, hw, tape.iset, topk_sum, tiny))
+                           lambda p, hw: concretize(p, hw, tape.iset, topk_sum, tiny),
+                           window_slices)
     return low[..., :chunk], -low[..., chunk:]
 
   if n_chunks == 1:

@@ -1,0 +1,50 @@
+"""The patch-form backward pass (dm_jax.patches) equals the dense one exactly."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dm_jax import get_model, linear
+from dm_jax import patches
+
+CASES = [("small", (10, 10, 2)), ("resnet", (8, 8, 1)), ("pureconv", (12, 12, 1)),
+         ("pooling", (8, 8, 2)), ("small_s2", (8, 8, 1))]
+SETS = [("linf", 0.03, None, None), ("linf", 0.05, None, (0.0, 1.0)), ("l2", 0.3, None, None),
+        ("l1", 0.6, None, None), ("l0", None, 2, None)]
+
+
+@pytest.mark.parametrize("method", [
+    "crown", pytest.param("fastlin", marks=pytest.mark.slow),
+    pytest.param("zero", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch,shape", CASES)
+def test_patch_form_equals_dense(arch, shape, method):
+  model = get_model(arch, 5)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2,) + shape)
+  params = model.init(jax.random.PRNGKey(1), x)
+  for norm, eps, k, domain in SETS:
+    kw = dict(method=method, k=k, domain=domain)
+    fast = linear.linear_bounds(model.apply, params, x, eps, norm, use_patches=True, **kw)
+    dense = linear.linear_bounds(model.apply, params, x, eps, norm, use_patches=False, **kw)
+    scale = float(jnp.abs(dense.lower).max()) + 1.0
+    np.testing.assert_allclose(fast.lower, dense.lower, atol=2e-6 * scale, err_msg=norm)
+    np.testing.assert_allclose(fast.upper, dense.upper, atol=2e-6 * scale, err_msg=norm)
+
+
+def test_patch_form_is_used_for_conv_layers():
+  model = get_model("pooling", 5)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (1, 8, 8, 1))
+  params = model.init(jax.random.PRNGKey(1), x)
+  iset = linear.make_input_set(x, 0.01)
+  tape = linear.record_tape(model.apply, params, iset)
+  relu_nodes = [e.refs[0][1] for e in tape.entries if e.kind == "relu"]
+  assert len(relu_nodes) == 2
+  assert all(patches.supported(tape, n) for n in relu_nodes)
+
+
+def test_windows_match_slicing():
+  t = jnp.arange(2 * 5 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 6, 3)
+  w = patches.windows(t, (3, 2), (2, 1), (1, 0), (3, 5))
+  padded = np.pad(np.asarray(t), ((0, 0), (1, 4), (0, 4), (0, 0)))
+  for h in range(3):
+    for x in range(5):
+      np.testing.assert_array_equal(w[:, h, x], padded[:, 2 * h:2 * h + 3, x:x + 2])
