@@ -380,7 +380,8 @@ def margin_spec(y, num_classes: int, dtype=jnp.float32):
 
 def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="crown",
                   intermediate: Optional[str] = None, k=None, domain=None,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True) -> Bounds:
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
+                  upper: bool = True) -> Bounds:
   """Sound bounds of ``spec @ f(x')`` over the input set.
 
   Args:
@@ -395,6 +396,8 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
     chunk_bytes: memory budget of one chunk of intermediate-bound rows.
     use_patches: compute conv-layer intermediate bounds in patch form (same result,
       much faster; see :mod:`dm_jax.patches`); False forces the dense form.
+    upper: also compute upper bounds (False halves the final pass; ``upper`` is then
+      +inf).
 
   Returns:
     Bounds with (B, R) lower and upper.
@@ -412,8 +415,10 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
   if spec.ndim != 3 or spec.shape[0] != batch or spec.shape[2] != num:
     raise ValueError(f"spec must have shape (B, R, K) = ({batch}, R, {num}) or (R, K); "
                      f"got {tuple(spec.shape)}.")
-  A = jnp.concatenate([spec, -spec], axis=1).reshape((batch, -1) + out_lo.shape[1:])
   R = spec.shape[1]
+  # The upper bound of a row is minus the lower bound of its negation.
+  rows = jnp.concatenate([spec, -spec], axis=1) if upper else spec
+  A = rows.reshape((batch, -1) + out_lo.shape[1:])
   if method == "ibp":
     stops = {e.out: _interval(tape, e.out) for e in tape.entries if e.kind != "affine"}
     low = backward(tape, tape.output, A, {}, "crown", stop_nodes=stops)
@@ -425,6 +430,8 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
       raise ValueError(f"intermediate must be 'linear' or 'ibp'; got {intermediate!r}.")
     bounds = intermediate_bounds(tape, relax, intermediate, chunk_bytes, use_patches)
     low = backward(tape, tape.output, A, bounds, relax)
+  if not upper:
+    return Bounds(low, jnp.full_like(low, jnp.inf))
   return Bounds(low[:, :R], -low[:, R:])
 
 
@@ -439,7 +446,8 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
   num_classes = jax.eval_shape(lambda: apply_fn(params, x)).shape[-1]
   spec = margin_spec(y, num_classes, x.dtype)
   b = linear_bounds(apply_fn, params, x, eps, norm, spec=spec, method=method,
-                    intermediate=intermediate, k=k, domain=domain, chunk_bytes=chunk_bytes)
+                    intermediate=intermediate, k=k, domain=domain, chunk_bytes=chunk_bytes,
+                    upper=False)
   return b.lower
 
 
