@@ -197,6 +197,15 @@ def _affine_backward(entry: Entry, A, env_const):
     return val
 
   out = []
+  if name == "conv_general_dilated" and [i for i, _ in nodes] == [0] \
+      and patches.is_nhwc_conv(eqn):
+    # Faster transpose for strided convolutions (see patches.conv_input_transpose).
+    (_, node), = nodes
+    shape = primals[0].shape
+    rows = A.reshape((-1,) + A.shape[2:])
+    back = patches.conv_input_transpose(rows, entry.refs[1][1], eqn.params["window_strides"],
+                                        eqn.params["padding"], shape[1:3])
+    return [(node, back.reshape(A.shape[:2] + shape[1:]))], None
   for i, node in nodes:
     fn = lambda t, i=i: eqn.primitive.bind(
         *[operand(j, i, t) for j in range(len(entry.refs))], **eqn.params)
