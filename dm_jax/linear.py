@@ -163,6 +163,24 @@ def _window_slices(eqn, t, fill):
   return slices
 
 
+def maxpool_relaxation(eqn, l, u):
+  """DeepPoly's relaxation of max pooling over bounds (l, u) of its input.
+
+  Returns (onehots, dominated, max_up): per window offset, whether it holds the element
+  with the largest lower bound (the lower bound ``y >= x_best``); whether that element
+  dominates its window (its lower bound >= every other upper bound, then
+  ``y <= x_best``); and the window's largest upper bound (the upper bound otherwise).
+  """
+  lows = _window_slices(eqn, l, -jnp.inf)
+  ups = _window_slices(eqn, u, -jnp.inf)
+  best = jnp.argmax(jnp.stack(lows), axis=0)
+  onehots = [(best == j).astype(l.dtype) for j in range(len(lows))]
+  best_low = jnp.max(jnp.stack(lows), axis=0)
+  others_up = [jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)]
+  dominated = (best_low >= jnp.max(jnp.stack(others_up), axis=0)).astype(l.dtype)
+  return onehots, dominated, jnp.max(jnp.stack(ups), axis=0)
+
+
 # ------------------------------------------------------------------ backward pass
 
 def _sum_rows(a, b):
@@ -285,14 +303,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
       add(node, pos * lo_s[:, None] + neg * up_s[:, None])
       offset = offset + _sum_rows(pos, lo_b) + _sum_rows(neg, up_b)
     else:  # maxpool
-      lows = _window_slices(entry.eqn, l, -jnp.inf)
-      ups = _window_slices(entry.eqn, u, -jnp.inf)
-      best = jnp.argmax(jnp.stack(lows), axis=0)  # element with the largest lower bound
-      onehots = [(best == j).astype(l.dtype) for j in range(len(lows))]
-      best_low = sum(o * lo for o, lo in zip(onehots, lows))
-      others_up = [jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)]
-      dominated = (best_low >= jnp.max(jnp.stack(others_up), axis=0)).astype(l.dtype)
-      max_up = jnp.max(jnp.stack(ups), axis=0)
+      onehots, dominated, max_up = maxpool_relaxation(entry.eqn, l, u)
       select = lambda t: sum(o * s for o, s in zip(onehots, _window_slices(entry.eqn, t, 0.0)))
       add(node, _transpose_rows(select, pos + neg * dominated[:, None], l))
       offset = offset + _sum_rows(neg, (1 - dominated) * max_up)
@@ -371,7 +382,7 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
     elif use_patches and patches.supported(tape, node):
       bounds[node] = patches.identity_bounds(
           tape, node, bounds, method, _relu_relaxation, propagation._topk_sum,
-          propagation._TINY, chunk_bytes, _window_slices)
+          propagation._TINY, chunk_bytes, maxpool_relaxation)
     else:
       # Textbook CNN-Cert: the linear bounds are used as they are, not intersected with
       # the interval ones (see WORKSPACE.md).

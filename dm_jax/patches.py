@@ -197,9 +197,9 @@ def _conv_back(patch: Patch, eqn, kernel) -> Patch:
 
 
 def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concretize_fn,
-                     window_slices):
+                     maxpool_relaxation):
   """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like dm_jax.linear's
-  dense ``backward``; ``relaxation`` and ``window_slices`` are dm_jax.linear's."""
+  dense ``backward``; ``relaxation`` and ``maxpool_relaxation`` are dm_jax.linear's."""
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
   offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
@@ -226,7 +226,7 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
       add(node, Patch(A, patch.K, patch.S, patch.P))
     elif e.kind == "maxpool":
       (_, node), = nodes
-      coef, extra = _maxpool_back(patch, e.eqn, bounds[node], win, window_slices)
+      coef, extra = _maxpool_back(patch, e.eqn, bounds[node], win, maxpool_relaxation)
       offset = offset + extra
       add(node, coef)
     elif name == "conv_general_dilated":
@@ -255,18 +255,12 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
   return offset + concretize_fn(patch, out_hw)
 
 
-def _maxpool_back(patch: Patch, eqn, pre_bounds, win, window_slices):
-  """Max pooling with the relaxation of dm_jax.linear (DeepPoly's): the coefficients go
-  to the window element with the largest lower bound, negative ones only when it
-  dominates its window (else they meet the constant largest upper bound)."""
+def _maxpool_back(patch: Patch, eqn, pre_bounds, win, maxpool_relaxation):
+  """Max pooling with dm_jax.linear's relaxation: the coefficients go to the window
+  element with the largest lower bound, negative ones only when it dominates its window
+  (else they meet the constant largest upper bound)."""
   l, u = pre_bounds
-  lows = window_slices(eqn, l, -jnp.inf)
-  ups = window_slices(eqn, u, -jnp.inf)
-  best = jnp.argmax(jnp.stack(lows), axis=0)
-  best_low = jnp.max(jnp.stack(lows), axis=0)
-  others_up = jnp.stack([jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)])
-  dominated = (best_low >= jnp.max(others_up, axis=0)).astype(l.dtype)
-  max_up = jnp.max(jnp.stack(ups), axis=0)
+  onehots, dominated, max_up = maxpool_relaxation(eqn, l, u)
   pos, neg = jnp.maximum(patch.A, 0), jnp.minimum(patch.A, 0)
   extra = _win_sum(neg, win((1 - dominated) * max_up))
   coef = pos + neg * win(dominated)[:, :, :, None]
@@ -277,7 +271,7 @@ def _maxpool_back(patch: Patch, eqn, pre_bounds, win, window_slices):
   out = 0
   zero = jnp.zeros((), coef.dtype)
   for j, offset in enumerate(np.ndindex(*p["window_dimensions"])):
-    chosen = coef * win((best == j).astype(l.dtype))[:, :, :, None]
+    chosen = coef * win(onehots[j])[:, :, :, None]
     di, dj = offset[1], offset[2]
     # Window position i of the pooled map reads input position i * s + di.
     out = out + lax.pad(chosen, zero, [(0, 0, 0)] * 4 + [
@@ -314,7 +308,7 @@ def concretize(patch: Patch, out_hw, iset, topk_sum, tiny):
 
 
 def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
-                    chunk_bytes: int, window_slices=None):
+                    chunk_bytes: int, maxpool_relaxation=None):
   """(l, u) of every element of the NHWC node ``target`` in patch form."""
   ref = tape_interval(tape, target)
   b, h, w, c = ref.shape
@@ -331,7 +325,7 @@ def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
     low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
                            relaxation,
                            lambda p, hw: concretize(p, hw, tape.iset, topk_sum, tiny),
-                           window_slices)
+                           maxpool_relaxation)
     return low[..., :chunk], -low[..., chunk:]
 
   if n_chunks == 1:
