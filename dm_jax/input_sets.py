@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 NORMS = ("linf", "l2", "l1", "l0")
+# sqrt(x + TINY) keeps the gradient of a zero l2 norm finite; it only enlarges bounds.
+TINY = 1e-30
 _ALIASES = {
     "linf": "linf", "inf": "linf", "l_inf": "linf", "infinity": "linf",
     "l2": "l2", "2": "l2", "l1": "l1", "1": "l1", "l0": "l0", "0": "l0",
@@ -71,6 +73,36 @@ class InputSet:
       # Keep the nominal point inside even if it lies outside the domain.
       lower, upper = jnp.minimum(lower, self.x), jnp.maximum(upper, self.x)
     return lower, upper
+
+
+def topk_sum(t, k: int):
+  """Sum of the k largest entries along the last axis (all of them if fewer)."""
+  k = min(k, t.shape[-1])
+  return jnp.sum(jax.lax.top_k(t, k)[0], axis=-1)
+
+
+def max_decrease(iset: "InputSet", coef, x, eps):
+  """``max over the set of -<coef, x' - x>`` for l2, l1 and l0 sets.
+
+  Args:
+    iset: the set (its norm, k and domain are used).
+    coef: (..., n) coefficient rows; coordinates outside the input must be zero.
+    x: nominal coordinates aligned with ``coef`` (broadcastable to it; l0 only).
+    eps: per-row radius broadcastable to ``coef.shape[:-1]`` (l2, l1).
+
+  Returns:
+    (...,) the largest decrease: ``eps ||coef||_2``, ``eps ||coef||_inf``, or for l0 the
+    sum of the k largest per-coordinate decreases with coordinates moving in the domain.
+  """
+  if iset.norm == "l2":
+    return eps * jnp.sqrt(jnp.sum(coef * coef, axis=-1) + TINY)
+  if iset.norm == "l1":
+    return eps * jnp.max(jnp.abs(coef), axis=-1)
+  if iset.norm == "l0":
+    lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
+    decrease = jnp.maximum(-jnp.minimum(coef * (hi - x), coef * (lo - x)), 0.0)
+    return topk_sum(decrease, iset.k)
+  raise ValueError(f"max_decrease is for l2, l1 and l0 sets; got {iset.norm}.")
 
 
 def _is_concrete(value) -> bool:

@@ -38,7 +38,7 @@ from jax import lax
 
 from dm_jax import patches, propagation
 from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import InputSet, make_input_set
+from dm_jax.input_sets import InputSet, make_input_set, max_decrease
 from dm_jax.interval import Bounds, IntervalDomain
 from dm_jax.propagation import Abstract, InputAffine
 
@@ -247,14 +247,7 @@ def _concretize_input(A, offset, iset: InputSet):
   centre = _sum_rows(A, x) + offset
   eps = iset.eps.reshape(x.shape[0], -1)[:, :1]  # per-example radius (B, 1)
   flat = A.reshape(A.shape[:2] + (-1,))
-  if iset.norm == "l2":
-    return centre - eps * jnp.sqrt(jnp.sum(flat * flat, axis=-1) + propagation._TINY)
-  if iset.norm == "l1":
-    return centre - eps * jnp.max(jnp.abs(flat), axis=-1)
-  lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
-  xf = x.reshape(x.shape[0], 1, -1)
-  decrease = jnp.maximum(-jnp.minimum(flat * (hi - xf), flat * (lo - xf)), 0.0)
-  return centre - propagation._topk_sum(decrease, iset.k)
+  return centre - max_decrease(iset, flat, x.reshape(x.shape[0], 1, -1), eps)
 
 
 def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
@@ -381,8 +374,7 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
       bounds[node] = _interval(tape, node)
     elif use_patches and patches.supported(tape, node):
       bounds[node] = patches.identity_bounds(
-          tape, node, bounds, method, _relu_relaxation, propagation._topk_sum,
-          propagation._TINY, chunk_bytes, maxpool_relaxation)
+          tape, node, bounds, method, _relu_relaxation, chunk_bytes, maxpool_relaxation)
     else:
       # Textbook CNN-Cert: the linear bounds are used as they are, not intersected with
       # the interval ones (see WORKSPACE.md).

@@ -54,8 +54,7 @@ METHODS = ("normal", "l1", "l2", "adv", "trades", "ibp", "crown_ibp", "relu_stab
 DEFAULT_L1 = 2e-5   # SPEC.md (SingleProp): 2e-5 * sum_i ||W_i||_{op,inf}
 DEFAULT_L2 = 1e-4   # (choice) the paper gives none
 
-# sqrt(x + _TINY) keeps gradients of zero norms finite.
-_TINY = 1e-30
+from dm_jax.input_sets import TINY as _TINY  # sqrt(x + _TINY): finite grads at 0
 
 
 # ----------------------------------------------------------------------------- types

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dm_jax.input_sets import max_decrease
+
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs (HWIO), out specs
 _ELEMENTWISE_CONST = frozenset({"add", "sub", "add_any", "mul", "div"})
 _PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
@@ -287,7 +289,7 @@ def tape_interval(tape, node):
   return value.centres[0] if hasattr(value, "centres") else value.value
 
 
-def concretize(patch: Patch, out_hw, iset, topk_sum, tiny):
+def concretize(patch: Patch, out_hw, iset):
   """min over the input set of the windowed linear functions: (B, H, W, R)."""
   win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
   A = patch.A * win(jnp.ones_like(iset.x))[:, :, :, None]  # drop zero-padding coordinates
@@ -297,18 +299,12 @@ def concretize(patch: Patch, out_hw, iset, topk_sum, tiny):
   centre = _win_sum(A, win(iset.x))
   eps = iset.eps.reshape(iset.x.shape[0], -1)[:, 0][:, None, None, None]
   flat = A.reshape(A.shape[:4] + (-1,))
-  if iset.norm == "l2":
-    return centre - eps * jnp.sqrt(jnp.sum(flat * flat, axis=-1) + tiny)
-  if iset.norm == "l1":
-    return centre - eps * jnp.max(jnp.abs(flat), axis=-1)
-  lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
   xw = win(iset.x)[:, :, :, None].reshape(A.shape[:3] + (1, -1))
-  decrease = jnp.maximum(-jnp.minimum(flat * (hi - xw), flat * (lo - xw)), 0.0)
-  return centre - topk_sum(decrease, iset.k)
+  return centre - max_decrease(iset, flat, xw, eps)
 
 
-def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
-                    chunk_bytes: int, maxpool_relaxation=None):
+def identity_bounds(tape, target, bounds, method, relaxation, chunk_bytes: int,
+                    maxpool_relaxation):
   """(l, u) of every element of the NHWC node ``target`` in patch form."""
   ref = tape_interval(tape, target)
   b, h, w, c = ref.shape
@@ -324,7 +320,7 @@ def identity_bounds(tape, target, bounds, method, relaxation, topk_sum, tiny,
     A = jnp.broadcast_to(rows[None, None, None, :, None, None, :], (b, h, w, 2 * chunk, 1, 1, c))
     low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
                            relaxation,
-                           lambda p, hw: concretize(p, hw, tape.iset, topk_sum, tiny),
+                           lambda p, hw: concretize(p, hw, tape.iset),
                            maxpool_relaxation)
     return low[..., :chunk], -low[..., chunk:]
 

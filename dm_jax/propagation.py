@@ -24,10 +24,8 @@ from jax import lax
 
 from dm_jax import interpreter
 from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import InputSet
+from dm_jax.input_sets import TINY, InputSet, topk_sum
 
-# sqrt(x + _TINY) keeps the gradient of a zero l2 row norm finite; it only enlarges bounds.
-_TINY = 1e-30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,11 +229,6 @@ def _conv_expand(eqn, lhs, rhs):
   return jnp.transpose(prod, perm)
 
 
-def _topk_sum(t, k):
-  k = min(k, t.shape[-1])
-  return jnp.sum(lax.top_k(t, k)[0], axis=-1)
-
-
 def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
   """Output range of a dot_general/conv on the symbolic input, exact over the set."""
   i = 0 if isinstance(invals[0], InputAffine) else 1
@@ -251,7 +244,7 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
     h = call(jnp.abs(sym.scale), jnp.abs(const))
     return domain.from_range(nominal, h, h)
   if iset.norm == "l2":
-    h = jnp.sqrt(call(jnp.square(sym.scale), jnp.square(const)) + _TINY)
+    h = jnp.sqrt(call(jnp.square(sym.scale), jnp.square(const)) + TINY)
     return domain.from_range(nominal, h, h)
   if eqn.primitive.name == "dot_general":
     expand = lambda a, c: _dot_general_expand(eqn, *((a, c) if i == 0 else (c, a)))
@@ -269,8 +262,8 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
   lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
   raw = expand(sym.raw, jnp.ones_like(const))
   to_hi, to_lo = coef * (hi - raw), coef * (lo - raw)
-  up = _topk_sum(jnp.maximum(jnp.maximum(to_hi, to_lo), 0.0), iset.k)
-  down = _topk_sum(jnp.maximum(-jnp.minimum(to_hi, to_lo), 0.0), iset.k)
+  up = topk_sum(jnp.maximum(jnp.maximum(to_hi, to_lo), 0.0), iset.k)
+  down = topk_sum(jnp.maximum(-jnp.minimum(to_hi, to_lo), 0.0), iset.k)
   return domain.from_range(nominal, down, up)
 
 
