@@ -244,7 +244,6 @@ def worker_mip(spec: dict) -> dict:
 
 def worker_full_mnist(spec: dict) -> dict:
   import numpy as np
-  import jax.numpy as jnp
   from dm_jax import certify, data
   t_start = time.perf_counter()
   ds = data.load_dataset("mnist")

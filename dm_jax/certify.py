@@ -10,7 +10,6 @@ The "best" row of a table certifies a point if any sound method does.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax

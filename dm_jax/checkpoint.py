@@ -11,12 +11,10 @@ Nothing is ever pickled or unpickled. A state with a non-finite array is refused
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 

@@ -10,7 +10,6 @@ import dataclasses
 from typing import Callable, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 
 from dm_jax import propagation
 from dm_jax.input_sets import make_input_set

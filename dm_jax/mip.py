@@ -487,7 +487,6 @@ def _build_output(closed, leaves, builder, cache, x_shape, x_dtype) -> MipExpr:
 
 def _solve(builder: _Builder, cons, obj: np.ndarray, const: float, time_limit: float,
            mip_rel_gap: float):
-  n = builder.n_vars
   options = {"time_limit": float(time_limit), "mip_rel_gap": float(mip_rel_gap)}
   res = milp(obj, constraints=cons,
              bounds=ScipyBounds(np.asarray(builder.lb), np.asarray(builder.ub)),

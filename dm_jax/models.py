@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable, Sequence, Tuple
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 PAD1 = ((1, 1), (1, 1))

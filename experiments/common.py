@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from fractions import Fraction
@@ -254,7 +253,6 @@ def write_table(workdir: Path, table: Dict[str, Any], eps_grid, labels, info) ->
 
 def run(defaults: DatasetDefaults) -> None:
   """Trains and certifies per the flags. Raises ValueError / DatasetNotFoundError."""
-  import jax
   import numpy as np
   from dm_jax import data as data_lib
   from dm_jax import train as train_lib
