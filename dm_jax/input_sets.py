@@ -81,6 +81,15 @@ def topk_sum(t, k: int):
   return jnp.sum(jax.lax.top_k(t, k)[0], axis=-1)
 
 
+def l0_moves(iset: "InputSet", coef, x):
+  """Per-coordinate (increase, decrease) of ``<coef, x'>`` when coordinate i alone moves
+  from ``x_i`` anywhere in the domain (default [0, 1]); both >= 0, shape of coef."""
+  lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
+  to_hi, to_lo = coef * (hi - x), coef * (lo - x)
+  return (jnp.maximum(jnp.maximum(to_hi, to_lo), 0.0),
+          jnp.maximum(-jnp.minimum(to_hi, to_lo), 0.0))
+
+
 def max_decrease(iset: "InputSet", coef, x, eps):
   """``max over the set of -<coef, x' - x>`` for l2, l1 and l0 sets.
 
@@ -99,9 +108,7 @@ def max_decrease(iset: "InputSet", coef, x, eps):
   if iset.norm == "l1":
     return eps * jnp.max(jnp.abs(coef), axis=-1)
   if iset.norm == "l0":
-    lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
-    decrease = jnp.maximum(-jnp.minimum(coef * (hi - x), coef * (lo - x)), 0.0)
-    return topk_sum(decrease, iset.k)
+    return topk_sum(l0_moves(iset, coef, x)[1], iset.k)
   raise ValueError(f"max_decrease is for l2, l1 and l0 sets; got {iset.norm}.")
 
 

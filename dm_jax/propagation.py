@@ -24,7 +24,7 @@ from jax import lax
 
 from dm_jax import interpreter
 from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import TINY, InputSet, topk_sum
+from dm_jax.input_sets import TINY, InputSet, l0_moves, topk_sum
 
 
 
@@ -259,12 +259,8 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
     h = jnp.max(jnp.abs(coef), axis=-1)
     return domain.from_range(nominal, h, h)
   # l0: each of k coordinates may move anywhere in [lo, hi].
-  lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
-  raw = expand(sym.raw, jnp.ones_like(const))
-  to_hi, to_lo = coef * (hi - raw), coef * (lo - raw)
-  up = topk_sum(jnp.maximum(jnp.maximum(to_hi, to_lo), 0.0), iset.k)
-  down = topk_sum(jnp.maximum(-jnp.minimum(to_hi, to_lo), 0.0), iset.k)
-  return domain.from_range(nominal, down, up)
+  up, down = l0_moves(iset, coef, expand(sym.raw, jnp.ones_like(const)))
+  return domain.from_range(nominal, topk_sum(down, iset.k), topk_sum(up, iset.k))
 
 
 def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
@@ -304,10 +300,7 @@ def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
 def box_of_symbolic(sym: InputAffine, iset: InputSet, domain: ForwardDomain) -> Abstract:
   """Element-wise box of a symbolic input (used when no exact rule applies)."""
   if iset.norm == "l0":
-    lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
-    to_hi, to_lo = sym.scale * (hi - sym.raw), sym.scale * (lo - sym.raw)
-    up = jnp.maximum(jnp.maximum(to_hi, to_lo), 0.0)
-    down = jnp.maximum(-jnp.minimum(to_hi, to_lo), 0.0)
+    up, down = l0_moves(iset, sym.scale, sym.raw)
     return domain.from_range(sym.value, down, up)
   h = jnp.abs(sym.scale)  # |delta_i| <= eps for every lp ball
   return domain.from_range(sym.value, h, h)
