@@ -71,6 +71,9 @@ class TrainConfig:
   eps_schedule: Optional[Tuple[int, int]] = None     # (warmup_end, ramp_end) steps
   lam_final: Optional[float] = None                  # None: schedules.default_lam_final
   kappa_final: float = 0.5
+  kappa_mode: str = "schedule"                       # "schedule" or "ada" (SingleProp)
+  ada_gamma: float = 10.0                            # ada: kappa = l_r / (l_r + g l_c)
+  ada_holdout: int = 1000                            # ada: last N train examples held out
   seed: int = 0
   workdir: Optional[str] = None
   checkpoint_every_steps: int = 1000
@@ -115,6 +118,35 @@ class TrainConfig:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
     if self.max_train_examples is not None and self.max_train_examples <= 0:
       raise ValueError("max_train_examples must be positive.")
+    if self.kappa_mode not in ("schedule", "ada"):
+      raise ValueError(f"kappa_mode must be 'schedule' or 'ada'; got {self.kappa_mode!r}.")
+    if self.kappa_mode == "ada":
+      if canonical_method(self.method) not in ADA_METHODS or (
+          canonical_method(self.method) == "dm" and self.lam_form != "kappa"):
+        raise ValueError(
+            "kappa_mode='ada' re-weights kappa CE(clean) + (1 - kappa) robust loss; it "
+            f"applies to {', '.join(ADA_METHODS)} (dm with lam_form='kappa'), not "
+            f"method={self.method!r} (lam_form={self.lam_form!r}).")
+      if not self.ada_gamma > 0:
+        raise ValueError(f"ada_gamma must be > 0; got {self.ada_gamma!r}.")
+      if self.ada_holdout < 1:
+        raise ValueError(f"ada_holdout must be >= 1; got {self.ada_holdout!r}.")
+
+
+# Methods whose loss is kappa CE(clean) + (1 - kappa) robust (kappa_mode="ada").
+ADA_METHODS = ("ibp", "crown_ibp", "bounded", "dm", "dm_s_only", "dm_ibp_v")
+
+
+def ada_kappa(robust_loss: float, clean_loss: float, gamma: float) -> float:
+  """SingleProp's "ada" kappa: ``l_robust / (l_robust + gamma l_clean)``.
+
+  The weighted terms are then ``kappa l_c : (1 - kappa) l_r = 1 : gamma``: the robust
+  part contributes gamma times the clean part, whatever their scales.
+  """
+  denom = robust_loss + gamma * clean_loss
+  if not (math.isfinite(denom) and denom > 0):
+    return 1.0
+  return float(min(max(robust_loss / denom, 0.0), 1.0))
 
 
 @flax.struct.dataclass
@@ -186,7 +218,7 @@ def canonical_method(name: str) -> str:
 
 
 def _get_method(config: TrainConfig):
-  from dm_jax import methods  # lazy: written concurrently by others
+  from dm_jax import methods  # lazy: methods imports the bound modules
   return methods.get_method(canonical_method(config.method), norm=config.norm, l1=config.l1,
                             prune=config.prune, adv=config.adv, lam_form=config.lam_form,
                             **config.method_kwargs)
@@ -211,22 +243,24 @@ def _tree_all_finite(tree):
 def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, tx,
                     sched: schedules.ResolvedSchedule, *, make_hyper=None,
                     prune: Optional[bool] = None):
-  """The jit-compiled ``train_step(state, x, y) -> (state, metrics)``.
+  """The jit-compiled ``train_step(state, x, y, kappa=None) -> (state, metrics)``.
 
   ``loss_fn(params, apply_fn, x, y, hyper, key) -> (loss, metrics)`` is the method's
-  loss. eps, lambda and kappa come from the schedules at ``state.step``.
+  loss. eps, lambda and kappa come from the schedules at ``state.step``; a ``kappa``
+  argument (a float32 scalar, ``kappa_mode="ada"``) replaces the scheduled kappa.
   """
   eps_s, lam_s, kappa_s, lr_s = sched.eps(), sched.lam(), sched.kappa(), sched.learning_rate()
   make_hyper = make_hyper or _make_hyper
   augment = config.augment
   prune = config.prune if prune is None else prune
 
-  def train_step(state: TrainState, x, y):
+  def train_step(state: TrainState, x, y, kappa=None):
     key, aug_key, loss_key = jax.random.split(state.key, 3)
     if augment:
       x = data_lib.cifar_augment(aug_key, x)
     step = state.step
-    hyper = make_hyper(eps_s(step), lam_s(step), kappa_s(step))
+    kappa = kappa_s(step) if kappa is None else kappa
+    hyper = make_hyper(eps_s(step), lam_s(step), kappa)
 
     def objective(params):
       return loss_fn(params, apply_fn, x, y, hyper, loss_key)
@@ -245,7 +279,7 @@ def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, 
     metrics = {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in aux.items()}
     metrics.update(loss=jnp.asarray(loss, jnp.float32), train_acc=acc,
                    eps=hyper_value(hyper, "eps", eps_s(step)),
-                   lam=lam_s(step), kappa=kappa_s(step), lr=lr_s(step),
+                   lam=lam_s(step), kappa=jnp.asarray(kappa, jnp.float32), lr=lr_s(step),
                    grad_norm=optax.global_norm(grads),
                    finite=jnp.isfinite(loss) & _tree_all_finite(params))
     new_state = state.replace(step=step + 1, params=params, opt_state=opt_state, key=key)
@@ -266,7 +300,7 @@ class Evaluator:
 
   def __init__(self, config: TrainConfig, apply_fn, dataset):
     from dm_jax.double_margin import double_margin
-    from dm_jax.interval import interval_bounds
+    from dm_jax.linear import margin_lower_bounds
     self.config = config
     n_test = dataset.num_test if config.eval_test_examples is None else min(
         config.eval_test_examples, dataset.num_test)
@@ -280,23 +314,11 @@ class Evaluator:
     def logits_fn(params, x):
       return apply_fn(params, x)
 
-    try:
-      from dm_jax.linear import margin_lower_bounds
-    except ImportError:  # pragma: no cover - linear.py is written concurrently
-      margin_lower_bounds = None
-
     def cert_fn(params, x, y, eps):
-      if margin_lower_bounds is not None:
-        # IBP with the margin specification folded into the last affine layer.
-        lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp")
-        lb = jnp.where(jax.nn.one_hot(y, lb.shape[-1], dtype=bool), jnp.inf, lb)
-        certified = jnp.min(lb, axis=-1) > 0
-      else:  # plain logit intervals: lower[y] > upper[j] (looser, also sound)
-        b = interval_bounds(apply_fn, params, x, eps, norm)
-        lower_y = jnp.take_along_axis(b.lower, y[:, None], axis=-1)
-        others = jnp.where(jax.nn.one_hot(y, b.upper.shape[-1], dtype=bool), -jnp.inf,
-                           b.upper)
-        certified = lower_y[:, 0] > jnp.max(others, axis=-1)
+      # IBP with the margin specification folded into the last affine layer.
+      lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp")
+      lb = jnp.where(jax.nn.one_hot(y, lb.shape[-1], dtype=bool), jnp.inf, lb)
+      certified = jnp.min(lb, axis=-1) > 0
       correct = jnp.argmax(apply_fn(params, x), -1) == y
       m = double_margin(apply_fn, params, x, eps, norm)
       return (jnp.mean((certified & correct).astype(jnp.float32)),
@@ -364,6 +386,15 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   config.validate()
   if config.max_train_examples is not None and config.max_train_examples < dataset.num_train:
     dataset = data_lib.subset(dataset, config.max_train_examples, None)
+  ada = config.kappa_mode == "ada"
+  holdout = None
+  if ada:  # SingleProp measures the losses for kappa on held-out training data
+    if config.ada_holdout >= dataset.num_train:
+      raise ValueError(f"ada_holdout={config.ada_holdout} leaves no training data "
+                       f"({dataset.num_train} examples).")
+    n_fit = dataset.num_train - config.ada_holdout
+    holdout = (dataset.x_train[n_fit:], dataset.y_train[n_fit:])
+    dataset = data_lib.subset(dataset, n_fit, None)
   num_classes = config.num_classes or dataset.num_classes
   steps_per_epoch = data_lib.num_batches(dataset.num_train, config.batch_size, True)
   if steps_per_epoch == 0:
@@ -391,8 +422,11 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
                              model=model, tx=tx)
   ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_to_keep)
   resumed_from = None
+  # ada: the kappa of the current epoch (1 = clean loss only until the first measure).
+  kappa_now = 1.0
   if resume and ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
+    kappa_now = float(meta.get("kappa_ada", kappa_now))
     resumed_from = int(state.step)
     if meta.get("steps_per_epoch") not in (None, steps_per_epoch):
       raise ValueError(f"checkpoint in {ckpt.directory} has {meta['steps_per_epoch']} "
@@ -408,6 +442,13 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   train_step = make_train_step(config, apply_fn, method.loss, tx, sched,
                                make_hyper=make_hyper, prune=do_prune)
   evaluator = Evaluator(config, apply_fn, dataset)
+  holdout_losses = _holdout_losses_fn(apply_fn, method.loss, make_hyper) if ada else None
+  if ada and resumed_from and resumed_from % steps_per_epoch == 0:
+    # Saved at the last step of an epoch, before that epoch's kappa update: redo it (the
+    # same params and key give the same value).
+    kappa_now = ada_kappa(*_mean_holdout_losses(
+        holdout_losses, state, holdout, config.batch_size, float(sched.eps()(resumed_from)),
+        float(sched.lam()(resumed_from))), config.ada_gamma)
   history: List[Dict[str, Any]] = []
   step = int(state.step)
   start_epoch, skip = divmod(step, steps_per_epoch)
@@ -419,7 +460,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
     e, pos = divmod(step_now, steps_per_epoch)
     return {"step": step_now, "epoch": e, "batch_in_epoch": pos,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "config": config.to_json()}
+            "config": config.to_json(), "kappa_ada": kappa_now}
 
   def save(step_now):
     nonlocal last_saved
@@ -448,7 +489,10 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
         if do_prune and step == prune_step and prune_step > 0:
           state = _prune(state, config.prune_threshold)
         t0 = time.time()
-        state, metrics = train_step(state, x, y)
+        if ada:
+          state, metrics = train_step(state, x, y, np.float32(kappa_now))
+        else:
+          state, metrics = train_step(state, x, y)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         step_times.append(time.time() - t0)
         if not metrics.pop("finite") or not math.isfinite(metrics["loss"]):
@@ -486,6 +530,14 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
             state.params, config.eps_train)[0]
       else:
         record["ibp_cert_acc_eps_train"] = acc
+      if ada and epoch_done:
+        robust, clean = _mean_holdout_losses(
+            holdout_losses, state, holdout, config.batch_size, eps_now,
+            float(sched.lam()(step)))
+        record.update(kappa=kappa_now, holdout_robust_loss=robust,
+                      holdout_clean_loss=clean)
+        kappa_now = ada_kappa(robust, clean, config.ada_gamma)
+        record["kappa_next"] = kappa_now
       times = step_times[1:] if len(step_times) > 1 else step_times
       record["step_time_s"] = float(np.median(times)) if times else float("nan")
       record["epoch_time_s"] = time.time() - t_epoch
@@ -502,6 +554,32 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   finally:
     ckpt.close()
   return state, history
+
+
+def _holdout_losses_fn(apply_fn, loss_fn, make_hyper):
+  """jit ``(params, x, y, eps, lam, key) -> (robust_loss, ce_clean)`` of the method."""
+  make_hyper = make_hyper or _make_hyper
+
+  def losses(params, x, y, eps, lam, key):
+    _, metrics = loss_fn(params, apply_fn, x, y, make_hyper(eps, lam, 0.5), key)
+    return metrics["robust_loss"], metrics["ce_clean"]
+
+  return jax.jit(losses)
+
+
+def _mean_holdout_losses(fn, state: TrainState, holdout, batch_size: int, eps: float,
+                         lam: float) -> Tuple[float, float]:
+  """Mean (robust, clean) loss over the held-out examples, in full batches (one shape)."""
+  x, y = holdout
+  bs = min(batch_size, len(x))
+  key = jax.random.fold_in(state.key, 7)  # a fixed function of the state: resumable
+  robust = clean = 0.0
+  n = len(x) // bs
+  for i in range(n):
+    r, c = fn(state.params, x[i * bs:(i + 1) * bs], y[i * bs:(i + 1) * bs],
+              np.float32(eps), np.float32(lam), key)
+    robust, clean = robust + float(r), clean + float(c)
+  return robust / n, clean / n
 
 
 def _prune(state: TrainState, threshold: float) -> TrainState:

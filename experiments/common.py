@@ -79,6 +79,16 @@ flags.DEFINE_float("grad_clip", 0.0, "Global-norm gradient clipping (0: off).")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps.")
 flags.DEFINE_integer("eval_cert_points", 256, "Test points for the per-epoch IBP check.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+flags.DEFINE_integer("projections", 0, "bounded: random Cauchy projections for the "
+                     "intermediate bounds (Wong et al. 2018; 0: exact). The paper's "
+                     "baseline used 50.")
+flags.DEFINE_enum("kappa_mode", "schedule", ["schedule", "ada"], "kappa on the ramp, or "
+                  "SingleProp's 'ada': reset every epoch to l_robust / (l_robust + gamma "
+                  "l_clean) on held-out training data (ibp, crown_ibp, bounded, dm with "
+                  "--lam_form=kappa).")
+flags.DEFINE_float("ada_gamma", 10.0, "kappa_mode=ada: gamma.")
+flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examples held "
+                     "out to measure the losses.")
 
 
 def parse_number(text: str, what: str) -> float:
@@ -144,11 +154,16 @@ def build_config(defaults: DatasetDefaults):
     raise ValueError(f"--eps_schedule needs warmup_end <= ramp_end; got {FLAGS.eps_schedule}")
   lr_boundaries = parse_steps(FLAGS.lr_boundaries, "lr_boundaries")
   # Let methods validate the remaining options (lam_form, norm for PGD, ...).
+  method_kwargs = {}
+  if FLAGS.projections:
+    if canonical_method(method) != "bounded":
+      raise ValueError(f"--projections applies to --method=bounded, not {method!r}")
+    method_kwargs["bounded_projections"] = FLAGS.projections
   methods.get_method(canonical_method(method), norm=norm, l1=FLAGS.l1, prune=FLAGS.prune,
-                     adv=FLAGS.adv, lam_form=FLAGS.lam_form)
+                     adv=FLAGS.adv, lam_form=FLAGS.lam_form, **method_kwargs)
   workdir = FLAGS.workdir or (f"./runs/{defaults.dataset}_{method.replace('*', 'star')}_"
                               f"{arch}_eps{eps:.4g}")
-  return TrainConfig(
+  config = TrainConfig(
       dataset=defaults.dataset, arch=arch, method=method, norm=norm, l1=FLAGS.l1,
       prune=FLAGS.prune, adv=FLAGS.adv, lam_form=FLAGS.lam_form, eps_train=eps,
       epochs=epochs, batch_size=batch_size, lr=lr, lr_boundaries=lr_boundaries,
@@ -156,68 +171,25 @@ def build_config(defaults: DatasetDefaults):
       workdir=workdir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       grad_clip=FLAGS.grad_clip, ensemble=FLAGS.ensemble, normalize=defaults.normalize,
       augment=defaults.augment, max_train_examples=FLAGS.max_train_examples,
-      eval_cert_points=FLAGS.eval_cert_points, progress=FLAGS.progress)
+      eval_cert_points=FLAGS.eval_cert_points, progress=FLAGS.progress,
+      method_kwargs=method_kwargs, kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
+      ada_holdout=FLAGS.ada_holdout)
+  config.validate()
+  return config
 
 
 # ----------------------------------------------------------------------------- certify
 
 
-def _fallback_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size):
-  """Used only while dm_jax.certify is missing: margin lower bounds from dm_jax.linear."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from dm_jax import linear
-
-  fns = {m: jax.jit(lambda p, xb, yb, e, m=m: linear.margin_lower_bounds(
-      apply_fn, p, xb, yb, e, norm, method=m)) for m in methods}
-  logits_fn = jax.jit(apply_fn)
-  n = len(x)
-  correct = np.zeros(n, bool)
-  cert = {m: np.zeros((len(eps_grid), n), bool) for m in methods}
-  for i in range(0, n, batch_size):
-    xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-    correct[i:i + len(xb)] = np.asarray(jnp.argmax(logits_fn(params, xb), -1)) == yb
-    for m in methods:
-      for j, e in enumerate(eps_grid):
-        lb = np.array(fns[m](params, xb, yb, jnp.float32(e)))
-        lb[np.arange(len(yb)), yb] = np.inf
-        cert[m][j, i:i + len(xb)] = (lb.min(-1) > 0) & correct[i:i + len(xb)]
-  rows = {m: [float(c.mean()) for c in cert[m]] for m in methods}
-  best = np.any(np.stack([cert[m] for m in methods]), axis=0)
-  rows["best"] = [float(c.mean()) for c in best]
-  return {"eps": list(map(float, eps_grid)), "rows": rows, "num_points": n,
-          "clean_acc": float(correct.mean()), "norm": norm,
-          "source": "experiments.common._fallback_table (dm_jax.certify missing)"}
-
-
-def _fallback_format(table, labels=None) -> str:
-  labels = labels or [f"{e:g}" for e in table["eps"]]
-  width = max(9, max(len(k) for k in table["rows"]) + 1)
-  head = "certifier".ljust(width) + "".join(f"{lab:>8}" for lab in labels)
-  lines = [head, "-" * len(head)]
-  for k, vals in table["rows"].items():
-    lines.append(k.ljust(width) + "".join(f"{100 * v:7.1f}%" for v in vals))
-  return "\n".join(lines)
-
-
 def certify_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size,
                   eps_scale=1.0, progress=True):
-  """Calls ``dm_jax.certify.certified_accuracy_table`` (fallback while it is missing)."""
-  try:
-    from dm_jax import certify
-  except ImportError:
-    certify = None
-  if certify is not None:
-    table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
-                                             methods=tuple(methods), norm=norm,
-                                             batch_size=batch_size, progress=progress)
-    label = "eps" if eps_scale == 1.0 else f"eps*{eps_scale:g}"
-    return table, certify.format_table(table, eps_scale=eps_scale, eps_label=label)
-  print("warning: dm_jax.certify is not available; using dm_jax.linear bounds directly",
-        file=sys.stderr)
-  table = _fallback_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size)
-  return table, _fallback_format(table)
+  """``dm_jax.certify.certified_accuracy_table`` and its formatted table."""
+  from dm_jax import certify
+  table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
+                                           methods=tuple(methods), norm=norm,
+                                           batch_size=batch_size, progress=progress)
+  label = "eps" if eps_scale == 1.0 else f"eps*{eps_scale:g}"
+  return table, certify.format_table(table, eps_scale=eps_scale, eps_label=label)
 
 
 def _to_jsonable(obj):
@@ -260,10 +232,7 @@ def run(defaults: DatasetDefaults) -> None:
   config = build_config(defaults)
   cert_methods = tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
   if FLAGS.num_cert_points:
-    try:
-      from dm_jax.certify import canonical_certifier
-    except ImportError:
-      from dm_jax.linear import canonical_method as canonical_certifier
+    from dm_jax.certify import canonical_certifier
     for m in cert_methods:
       canonical_certifier(m)  # ValueError for an unknown certifier
   dataset = data_lib.load_dataset(defaults.dataset, FLAGS.data_dir)

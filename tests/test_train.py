@@ -306,3 +306,52 @@ def test_dm_and_ibp_certify_better_than_normal_on_mnist(tmp_path):
       assert hist[-1]["ibp_cert_acc_eps_train"] >= 0.0
   assert accs["dm"] > accs["normal"] + 0.05, accs
   assert accs["ibp"] > accs["normal"] + 0.02, accs
+
+
+# ----------------------------------------------------------------------------- ada kappa
+
+
+def test_ada_kappa_formula():
+  assert train_lib.ada_kappa(1.0, 1.0, 10.0) == pytest.approx(1 / 11)
+  assert train_lib.ada_kappa(3.0, 0.1, 10.0) == pytest.approx(0.75)
+  assert train_lib.ada_kappa(0.0, 0.0, 10.0) == 1.0  # undefined: clean loss only
+
+
+def test_ada_kappa_config_errors(tmp_path):
+  with pytest.raises(ValueError, match="kappa_mode='ada'"):
+    _config(tmp_path, "a", method="normal", kappa_mode="ada").validate()
+  with pytest.raises(ValueError, match="lam_form='kappa'"):
+    _config(tmp_path, "a", method="dm", kappa_mode="ada").validate()
+  _config(tmp_path, "a", method="dm", lam_form="kappa", kappa_mode="ada").validate()
+  with pytest.raises(ValueError, match="kappa_mode must be"):
+    _config(tmp_path, "a", method="ibp", kappa_mode="sometimes").validate()
+
+
+def test_ada_kappa_is_measured_each_epoch_and_resumes_exactly(tmp_path):
+  ds = _synthetic()  # 200 train: 50 held out, 150 = 3 steps of 50 per epoch
+  kw = dict(method="ibp", kappa_mode="ada", ada_holdout=50, checkpoint_every_steps=3)
+  full, hist = train_lib.train(_config(tmp_path, "full", **kw), ds)
+  assert int(full.step) == 9 and len(hist) == 3
+  assert hist[0]["kappa"] == 1.0
+  for prev, rec in zip(hist, hist[1:]):
+    assert rec["kappa"] == prev["kappa_next"]
+  for rec in hist:
+    assert rec["kappa_next"] == pytest.approx(train_lib.ada_kappa(
+        rec["holdout_robust_loss"], rec["holdout_clean_loss"], 10.0))
+    assert 0 < rec["kappa_next"] < 1
+  # The step really uses it: the logged per-step kappa of epoch 2 is epoch 1's measure.
+  assert hist[1]["kappa"] != 1.0
+
+  class Kill(Exception):
+    pass
+
+  def killer(step, metrics):
+    if step == 7:  # after the step-6 checkpoint (an epoch's end, before its update)
+      raise Kill()
+
+  cfg = _config(tmp_path, "killed", **kw)
+  with pytest.raises(Kill):
+    train_lib.train(cfg, ds, callback=killer)
+  resumed, _ = train_lib.train(cfg, ds)
+  _leaves_equal(resumed.params, full.params)
+  _leaves_equal(resumed.opt_state, full.opt_state)
