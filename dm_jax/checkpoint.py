@@ -65,6 +65,16 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
 
+  def read_meta(self, step: Optional[int] = None) -> Dict[str, Any]:
+    """The JSON metadata saved with a checkpoint (the state is not read)."""
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -425,6 +425,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   # ada: the kappa of the current epoch (1 = clean loss only until the first measure).
   kappa_now = 1.0
   if resume and ckpt.latest_step() is not None:
+    _check_same_run(ckpt.read_meta().get("config"), config, ckpt.directory)
     state, meta = ckpt.restore(state)
     kappa_now = float(meta.get("kappa_ada", kappa_now))
     resumed_from = int(state.step)
@@ -554,6 +555,28 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   finally:
     ckpt.close()
   return state, history
+
+
+# Config fields that may change between a run and its resumption (they do not change
+# what is trained).
+_RESUME_MAY_DIFFER = frozenset({
+    "workdir", "progress", "log_every", "checkpoint_every_steps", "max_to_keep",
+    "eval_cert_points", "eval_test_examples", "eval_batch_size"})
+
+
+def _check_same_run(saved: Optional[Dict[str, Any]], config: TrainConfig, directory):
+  """Refuses to resume a checkpoint written by a different run configuration."""
+  if not saved:
+    return
+  now = json.loads(json.dumps(config.to_json(), default=str))
+  saved = json.loads(json.dumps(saved, default=str))
+  diff = sorted(k for k in set(now) | set(saved)
+                if k not in _RESUME_MAY_DIFFER and now.get(k) != saved.get(k))
+  if diff:
+    detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in diff)
+    raise ValueError(f"the checkpoint in {directory} was written by a different run "
+                     f"({detail}); use another workdir, or resume=False (--noresume) to "
+                     "start over there.")
 
 
 def _holdout_losses_fn(apply_fn, loss_fn, make_hyper):

@@ -355,3 +355,15 @@ def test_ada_kappa_is_measured_each_epoch_and_resumes_exactly(tmp_path):
   resumed, _ = train_lib.train(cfg, ds)
   _leaves_equal(resumed.params, full.params)
   _leaves_equal(resumed.opt_state, full.opt_state)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+  ds = _synthetic()
+  train_lib.train(_config(tmp_path, "r", epochs=1), ds, method=_CE(), make_hyper=_hyper)
+  with pytest.raises(ValueError, match=r"different run \(lr: 0.001 there, 0.002 now\)"):
+    train_lib.train(_config(tmp_path, "r", epochs=1, lr=2e-3), ds, method=_CE(),
+                    make_hyper=_hyper)
+  # Fields that do not change what is trained may differ.
+  state, _ = train_lib.train(_config(tmp_path, "r", epochs=1, eval_cert_points=5), ds,
+                             method=_CE(), make_hyper=_hyper)
+  assert int(state.step) == 4
