@@ -20,6 +20,7 @@ float rounding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -33,6 +34,40 @@ from dm_jax.input_sets import max_decrease
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs (HWIO), out specs
 _ELEMENTWISE_CONST = frozenset({"add", "sub", "add_any", "mul", "div"})
 _PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_s1(x, kernel, padding):
+  """Stride-1 NHWC/HWIO convolution whose kernel gradient is k*k matrix products.
+
+  For the phase-decomposed transposes below, ``x`` holds ``B * R`` coefficient maps of a
+  few pixels each; XLA:CPU computes the kernel gradient of such a convolution (a
+  convolution over the batch axis) 10-15x slower than the convolution itself, which
+  made the CROWN-IBP training step mostly that one gradient.
+  """
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_s1_fwd(x, kernel, padding):
+  return _conv_s1(x, kernel, padding), (x, kernel)
+
+
+def _conv_s1_bwd(padding, res, g):
+  x, kernel = res
+  _, x_vjp = jax.vjp(lambda t: lax.conv_general_dilated(
+      t, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")), x)
+  (dx,) = x_vjp(g)
+  kh, kw = kernel.shape[:2]
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  ho, wo = g.shape[1:3]
+  dk = jnp.stack([jnp.stack([
+      jnp.tensordot(xp[:, i:i + ho, j:j + wo, :], g, axes=([0, 1, 2], [0, 1, 2]))
+      for j in range(kw)]) for i in range(kh)])
+  return dx, dk.astype(kernel.dtype)
+
+
+_conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
 
 
 def conv_input_transpose(A, kernel, strides, padding, in_hw):
@@ -62,8 +97,7 @@ def conv_input_transpose(A, kernel, strides, padding, in_hw):
   kp = jnp.pad(kernel, ((0, ka[0] * s[0] - kh), (0, ka[1] * s[1] - kw), (0, 0), (0, 0)))
   kr = kp.reshape(ka[0], s[0], ka[1], s[1], cin, cout).transpose(0, 2, 5, 1, 3, 4)
   kr = kr.reshape(ka[0], ka[1], cout, s[0] * s[1] * cin)[::-1, ::-1]
-  out = lax.conv_general_dilated(A, kr, (1, 1), [(ka[0] - 1, ka[0] - 1), (ka[1] - 1, ka[1] - 1)],
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  out = _conv_s1(A, kr, ((ka[0] - 1, ka[0] - 1), (ka[1] - 1, ka[1] - 1)))
   n, qh, qw, _ = out.shape
   out = out.reshape(n, qh, qw, s[0], s[1], cin).transpose(0, 1, 3, 2, 4, 5)
   out = out.reshape(n, qh * s[0], qw * s[1], cin)
