@@ -87,7 +87,7 @@ def conv_input_transpose(A, kernel, strides, padding, in_hw):
   """
   kh, kw, cin, cout = kernel.shape
   s = tuple(strides)
-  if s == (1, 1) or cin < 4:
+  if s == (1, 1):
     n = A.shape[0]
     fwd = lambda t: lax.conv_general_dilated(t, kernel, s, padding,
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -105,6 +105,10 @@ def conv_input_transpose(A, kernel, strides, padding, in_hw):
   need = [lo[d] + in_hw[d] - out.shape[1 + d] for d in range(2)]
   out = jnp.pad(out, ((0, 0), (0, max(0, need[0])), (0, max(0, need[1])), (0, 0)))
   return out[:, lo[0]:lo[0] + in_hw[0], lo[1]:lo[1] + in_hw[1]]
+
+
+# Windows whose transpose matrix has at most this many entries use a GEMM (_conv_back).
+WINDOW_MATRIX_MAX_ENTRIES = 1 << 16
 
 
 @dataclasses.dataclass
@@ -225,7 +229,17 @@ def _conv_back(patch: Patch, eqn, kernel) -> Patch:
   imgs = A.reshape(b * h * w * r, kh, kw, cm)
   K = tuple((patch.K[d] - 1) * s[d] + kernel.shape[d] for d in range(2))
   # Every window is a tiny image; its transpose through a VALID conv covers K'.
-  out = conv_input_transpose(imgs, kernel, s, ((0, 0), (0, 0)), K)
+  n_in, n_out = kh * kw * cm, K[0] * K[1] * kernel.shape[2]
+  if n_in * n_out <= WINDOW_MATRIX_MAX_ENTRIES:
+    # The transpose restricted to one window is a small (n_in, n_out) matrix: one GEMM
+    # over all windows instead of a transposed conv of many tiny images (XLA:CPU runs
+    # those, with lhs dilation for strided convs, at a few GFLOP/s). The matrix is the
+    # window's own, independent of the image size.
+    basis = jnp.eye(n_in, dtype=A.dtype).reshape(n_in, kh, kw, cm)
+    matrix = conv_input_transpose(basis, kernel, s, ((0, 0), (0, 0)), K).reshape(n_in, n_out)
+    out = imgs.reshape(-1, n_in) @ matrix
+  else:
+    out = conv_input_transpose(imgs, kernel, s, ((0, 0), (0, 0)), K)
   out = out.reshape(b, h, w, r, K[0], K[1], kernel.shape[2])
   S = tuple(patch.S[d] * s[d] for d in range(2))
   P = tuple(patch.P[d] * s[d] + p[d] for d in range(2))
