@@ -250,6 +250,54 @@ def _concretize_input(A, offset, iset: InputSet):
   return centre - max_decrease(iset, flat, x.reshape(x.shape[0], 1, -1), eps)
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedRows:
+  """Coefficients equal for every example: ``rows`` (R, *shape) stand for the
+  (batch, R, *shape) tensor ``broadcast(rows)`` (identity specifications)."""
+  rows: jax.Array
+  batch: int
+
+  def materialize(self) -> jax.Array:
+    return jnp.broadcast_to(self.rows[None], (self.batch,) + self.rows.shape)
+
+
+def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
+  """``_affine_backward`` for example-independent rows through a bias add, a dense layer
+  (rows @ W^T once, not per example) or a flatten; None where it does not apply."""
+  eqn = entry.eqn
+  name = eqn.primitive.name
+  nodes = [i for i, r in enumerate(entry.refs) if r[0] == "node"]
+  if name == "reshape" and nodes == [0] and eqn.params.get("dimensions") is None:
+    node = entry.refs[0][1]
+    in_shape = tuple(env_const(node).shape)
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    if in_shape[:1] == out_shape[:1]:  # the batch axis stays first (a flatten)
+      rows = shared.rows.reshape(shared.rows.shape[:1] + in_shape[1:])
+      return node, SharedRows(rows, shared.batch), None
+    return None
+  if len(nodes) != 1 or len(entry.refs) != 2:
+    return None
+  (i,) = nodes
+  node = entry.refs[i][1]
+  const = entry.refs[1 - i][1]
+  if name in ("add", "add_any", "sub"):
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    if np.broadcast_shapes(np.shape(const), out_shape) != out_shape:
+      return None
+    const = jnp.broadcast_to(const, out_shape)
+    sign = -1.0 if (name == "sub" and i == 1) else 1.0  # c - x
+    bias = -const if (name == "sub" and i == 0) else const  # x - c
+    offset = jnp.einsum("r...,b...->br", shared.rows, bias)
+    return node, SharedRows(sign * shared.rows, shared.batch), offset
+  if name == "dot_general" and i == 0 and np.ndim(const) == 2:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    primal_ndim = len(env_const(node).shape)
+    if tuple(lc) == (primal_ndim - 1,) and tuple(rc) == (0,) and not lb and not rb:
+      rows = jnp.einsum("r...o,io->r...i", shared.rows, const)
+      return node, SharedRows(rows, shared.batch), None
+  return None
+
+
 def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
              stop_nodes: Optional[Dict[int, Tuple]] = None):
   """Lower bound of ``<A, value(target)>`` over the input set.
@@ -257,7 +305,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
   Args:
     tape: the recorded model.
     target: node index.
-    A: (B, R, *shape(target)) coefficients.
+    A: (B, R, *shape(target)) coefficients, or :class:`SharedRows`.
     bounds: pre-activation bounds {node: (l, u)} for every nonlinearity input needed.
     method: fastlin | crown | zero (ReLU lower slope).
     stop_nodes: {node: (l, u)}: concretize there with the interval instead of going on
@@ -267,11 +315,15 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     (B, R) lower bounds.
   """
   coeffs = {target: A}
-  offset = jnp.zeros(A.shape[:2], A.dtype)
+  if isinstance(A, SharedRows):
+    offset = jnp.zeros((A.batch, A.rows.shape[0]), A.rows.dtype)
+  else:
+    offset = jnp.zeros(A.shape[:2], A.dtype)
   stop_nodes = stop_nodes or {}
+  dense = lambda a: a.materialize() if isinstance(a, SharedRows) else a
 
   def add(node, a):
-    coeffs[node] = coeffs[node] + a if node in coeffs else a
+    coeffs[node] = dense(coeffs[node]) + dense(a) if node in coeffs else a
 
   nominal = lambda node: _interval(tape, node)[0]
   for entry in reversed(tape.entries):
@@ -280,6 +332,15 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     if entry.out in stop_nodes:
       continue
     A_out = coeffs.pop(entry.out)
+    if isinstance(A_out, SharedRows) and entry.kind == "affine":
+      fast = _shared_affine_backward(entry, A_out, nominal)
+      if fast is not None:
+        node, a, bias_term = fast
+        add(node, a)
+        if bias_term is not None:
+          offset = offset + bias_term
+        continue
+    A_out = dense(A_out)
     if entry.kind == "affine":
       pulled, bias_term = _affine_backward(entry, A_out, nominal)
       for node, a in pulled:
@@ -302,6 +363,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
       offset = offset + _sum_rows(neg, (1 - dominated) * max_up)
   lower = offset
   for node, a in coeffs.items():
+    a = dense(a)
     if node in stop_nodes:
       l, u = stop_nodes[node]
       lower = lower + _sum_rows(jnp.maximum(a, 0), l) + _sum_rows(jnp.minimum(a, 0), u)
@@ -344,7 +406,7 @@ def _identity_bounds(tape, node, bounds, method, chunk_bytes):
   def one_chunk(start):
     rows = jax.nn.one_hot(start + jnp.arange(chunk), n, dtype=value_lo.dtype)
     rows = rows.reshape((chunk,) + shape)
-    A = jnp.broadcast_to(jnp.concatenate([rows, -rows])[None], (batch, 2 * chunk) + shape)
+    A = SharedRows(jnp.concatenate([rows, -rows]), batch)
     low = backward(tape, node, A, bounds, method)
     return low[:, :chunk], -low[:, chunk:]
 
