@@ -13,7 +13,8 @@ uniform [0, 1] MNIST-shaped images with random labels (the same batch every step
 method runs in its own subprocess (clean peak RSS). After compiling
 (``lower().compile()``, timed) and 2 warm-up steps, ``--steps`` steps (``--slow_steps``
 for the slow methods adv, trades, mmr (40 PGD steps per training step or per-unit
-backward passes) and crown_ibp, bounded (linear bounds)) are
+backward passes) and crown_ibp, bounded, bounded_p50 (linear bounds; ``bounded_pK`` is
+bounded with K random projections)) are
 timed one by one with ``block_until_ready``. Reported: median ms/step, ratio to
 ``normal``, projected wall time of 100 MNIST epochs (60,000 steps of batch 100), peak RSS.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -33,7 +35,7 @@ if ROOT not in sys.path:
 from benchmarks.certify_bench import (append_run, machine_info, peak_rss_mb,  # noqa: E402
                                       run_worker)
 
-SLOW_METHODS = ("adv", "trades", "mmr", "crown_ibp", "bounded")
+SLOW_METHODS = ("adv", "trades", "mmr", "crown_ibp", "bounded", "bounded_p50")
 EPOCH_STEPS_100 = 60000  # 100 MNIST epochs at batch 100
 
 
@@ -49,7 +51,11 @@ def worker(spec: dict) -> dict:
   tx = train.make_optimizer(config, sched)
   state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), model=model,
                                    tx=tx)
-  method = methods.get_method(train.canonical_method(spec["method"]))
+  name, kwargs = spec["method"], {}
+  match = re.fullmatch(r"bounded_p(\d+)", name)  # bounded with K random projections
+  if match:
+    name, kwargs = "bounded", dict(bounded_projections=int(match.group(1)))
+  method = methods.get_method(train.canonical_method(name), **kwargs)
 
   def make_hyper(eps, lam, kappa):  # end-of-ramp values: every branch active
     del eps, lam, kappa
@@ -123,7 +129,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--arch", default="small")
   p.add_argument("--batch_size", type=int, default=100)
-  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--methods", default=",".join(METHODS + ("bounded_p50",)),
+                 help="registry names; bounded_pK = bounded with K random projections")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--slow_steps", type=int, default=None,
                  help=f"timed steps for {', '.join(SLOW_METHODS)} (default: --steps)")
