@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import patches, propagation
+from dm_jax import conv, patches, propagation
 from dm_jax.errors import UnsupportedPrimitiveError
 from dm_jax.input_sets import InputSet, make_input_set, max_decrease
 from dm_jax.interval import Bounds, IntervalDomain
@@ -216,12 +216,12 @@ def _affine_backward(entry: Entry, A, env_const):
 
   out = []
   if name == "conv_general_dilated" and [i for i, _ in nodes] == [0] \
-      and patches.is_nhwc_conv(eqn):
-    # Faster transpose for strided convolutions (see patches.conv_input_transpose).
+      and conv.is_nhwc_conv(eqn):
+    # Faster transpose for strided convolutions (see conv.conv_input_transpose).
     (_, node), = nodes
     shape = primals[0].shape
     rows = A.reshape((-1,) + A.shape[2:])
-    back = patches.conv_input_transpose(rows, entry.refs[1][1], eqn.params["window_strides"],
+    back = conv.conv_input_transpose(rows, entry.refs[1][1], eqn.params["window_strides"],
                                         eqn.params["padding"], shape[1:3])
     return [(node, back.reshape(A.shape[:2] + shape[1:]))], None
   for i, node in nodes:

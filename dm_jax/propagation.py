@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import interpreter
+from dm_jax import conv, interpreter
 from dm_jax.errors import UnsupportedPrimitiveError
 from dm_jax.input_sets import TINY, InputSet, l0_moves, topk_sum
 
@@ -91,6 +91,18 @@ def _bind(eqn, *args):
   return eqn.primitive.bind(*args, **eqn.params)
 
 
+def _fast_conv(eqn):
+  """For a strided NHWC convolution of an abstract lhs: ``(lhs, rhs) -> conv`` with the
+  faster input gradient of :func:`dm_jax.conv.conv2d`; else None."""
+  p = eqn.params
+  if (eqn.primitive.name != "conv_general_dilated" or not conv.is_nhwc_conv(eqn)
+      or all(st == 1 for st in p["window_strides"])
+      or p.get("preferred_element_type") is not None):
+    return None
+  return lambda lhs, rhs: conv.conv2d(lhs, rhs, tuple(p["window_strides"]),
+                                      tuple(tuple(pd) for pd in p["padding"]))
+
+
 def _out_shape(eqn):
   return tuple(eqn.outvars[0].aval.shape)
 
@@ -109,7 +121,11 @@ def affine(eqn, invals: List[Any], domain_name: str) -> Abstract:
   def fail(detail):
     raise UnsupportedPrimitiveError(name, domain_name, detail)
 
-  centres = tuple(_bind(eqn, *centres_at(j)) for j in range(n_c))
+  fast_conv = _fast_conv(eqn) if idx == [0] else None
+  if fast_conv is not None:  # training differentiates through these convolutions
+    centres = tuple(fast_conv(*centres_at(j)) for j in range(n_c))
+  else:
+    centres = tuple(_bind(eqn, *centres_at(j)) for j in range(n_c))
   if name in _STRUCTURAL:
     if idx != [0]:
       fail("only the first operand may depend on the input")
@@ -126,6 +142,8 @@ def affine(eqn, invals: List[Any], domain_name: str) -> Abstract:
     absconst = jnp.abs(invals[1 - i])
 
     def with_radius(r):
+      if fast_conv is not None:
+        return fast_conv(r, absconst)
       return _bind(eqn, *((r, absconst) if i == 0 else (absconst, r)))
 
     radii = tuple(with_radius(r) for r in first.radii)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dm_jax import get_model, linear
-from dm_jax import patches
+from dm_jax import conv, patches
 
 CASES = [("small", (10, 10, 2)), ("resnet", (8, 8, 1)), ("pureconv", (12, 12, 1)),
          ("pooling", (8, 8, 2)), ("small_s2", (8, 8, 1))]
@@ -73,7 +73,7 @@ def test_conv_input_transpose_values_and_gradients(k, s, pad, hw, cin):
       jax.ShapeDtypeStruct((1,) + hw + (cin,), jnp.float32)).shape[1:3]
   A = jax.random.normal(jax.random.PRNGKey(1), (3,) + tuple(out_hw) + (cout,))
   w = jax.random.normal(jax.random.PRNGKey(2), (3,) + hw + (cin,))
-  ours = lambda a, kk: patches.conv_input_transpose(a, kk, (s, s), pad, hw)
+  ours = lambda a, kk: conv.conv_input_transpose(a, kk, (s, s), pad, hw)
   ref = lambda a, kk: _reference_transpose(a, kk, (s, s), pad, hw)
   np.testing.assert_allclose(jax.jit(ours)(A, kernel), ref(A, kernel), rtol=1e-5, atol=1e-4)
   # Gradients (training differentiates through the backward pass): a custom VJP.
@@ -82,3 +82,20 @@ def test_conv_input_transpose_values_and_gradients(k, s, pad, hw, cin):
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(A, kernel)
   for a, b in zip(g_ours, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("k,s,pad,hw", [(4, 2, ((1, 1), (1, 1)), (14, 14)),
+                                         (3, 2, ((1, 2), (0, 1)), (9, 8)),
+                                         (5, 3, ((2, 2), (2, 2)), (11, 11))])
+def test_conv2d_has_the_gradients_of_lax_conv(k, s, pad, hw):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3,) + hw + (4,))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 4, 5))
+  lax_conv = lambda a, kk: jax.lax.conv_general_dilated(
+      a, kk, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = lambda a, kk: conv.conv2d(a, kk, (s, s), pad)
+  np.testing.assert_allclose(ours(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
+  w = jax.random.normal(jax.random.PRNGKey(2), lax_conv(x, kernel).shape)
+  loss = lambda f: (lambda a, kk: jnp.sum(w * jnp.tanh(f(a, kk))))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
+                  jax.grad(loss(lax_conv), argnums=(0, 1))(x, kernel)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
