@@ -462,6 +462,19 @@ def _linear_part(entry: Entry, node_values: Dict[int, Any]):
   return eqn.primitive.bind(*args, **eqn.params)
 
 
+def cauchy_scale(samples, axis):
+  """Estimate of ``gamma`` from i.i.d. Cauchy(0, gamma) samples along ``axis``.
+
+  The bias-corrected geometric mean ``cos(pi / (2k))^k prod_j |x_j|^(1/k)`` (Li, 2008,
+  "Estimators and tail bounds for dimension reduction in l_alpha"): the same asymptotic
+  variance as the sample median Wong et al. use (``pi^2 gamma^2 / (4k)``), unbiased, and
+  smooth; a median needs a sort, which made half of a training step on CPU.
+  """
+  k = samples.shape[axis]
+  log_abs = jnp.log(jnp.maximum(jnp.abs(samples), jnp.finfo(samples.dtype).tiny))
+  return math.cos(math.pi / (2 * k)) ** k * jnp.exp(jnp.mean(log_abs, axis=axis))
+
+
 def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict[int, Tuple]:
   """Estimates of the Fast-Lin intermediate bounds by random Cauchy projections.
 
@@ -473,12 +486,13 @@ def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict
   generator matrix ``G``; its Fast-Lin bounds are ``c -/+ ||G_row||_1``. One forward
   pass gives the centres ``c``; the row l1 norms are estimated by pushing
   ``num_projections`` random Cauchy vectors through the same linear maps (fresh noise
-  at every ReLU, scaled by the half gap):
-  ``||g||_1 = median_k |g . r_k|`` for ``r_k`` i.i.d. standard Cauchy. Cost:
+  at every ReLU, scaled by the half gap): ``g . r`` is Cauchy with scale ``||g||_1`` for
+  ``r`` i.i.d. standard Cauchy, estimated by :func:`cauchy_scale` (geometric mean; Wong et
+  al. take the median, which has the same asymptotic variance). Cost:
   ``num_projections + 1`` forward passes, instead of one backward pass per neuron.
 
-  The estimates are NOT sound bounds (the median is a consistent estimator, off by a
-  few percent at 50 projections). They are for training (``bounded`` with
+  The estimates are NOT sound bounds (a consistent estimator, off by about
+  ``pi / (2 sqrt(k))``, 22% at k = 50, per neuron). They are for training (``bounded`` with
   projections); certify with exact bounds.
 
   Args:
@@ -524,7 +538,7 @@ def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict
       if node in exact:
         bounds[node] = _interval(tape, node)
       else:
-        radius = jnp.median(jnp.abs(proj[node]), axis=1)
+        radius = cauchy_scale(proj[node], axis=1)
         bounds[node] = (centre[node] - radius, centre[node] + radius)
     l, u = bounds[node]
     c = jnp.broadcast_to(jnp.asarray(entry.relu_const, l.dtype), l.shape)
