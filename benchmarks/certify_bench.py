@@ -354,9 +354,10 @@ def main(argv=None):
   start_load = os.getloadavg()
   repeats = max(3, args.repeats)
   specs = []
-  for arch in args.archs.split(","):
-    for method in args.methods.split(","):
-      for b in (int(s) for s in args.batch_sizes.split(",")):
+  # Empty lists are allowed (e.g. --methods= with --full_mnist runs only that row).
+  for arch in [a for a in args.archs.split(",") if a]:
+    for method in [m for m in args.methods.split(",") if m]:
+      for b in (int(s) for s in args.batch_sizes.split(",") if s):
         specs.append(dict(kind="margins", arch=arch, input=args.input, method=method,
                           batch=b, eps=args.eps, repeats=repeats,
                           time_budget=args.time_budget))

@@ -5,6 +5,9 @@
   shuffle, instead of the lhs-dilated convolution ``jax.linear_transpose`` produces.
 * :func:`conv2d`: a strided NHWC convolution whose input gradient is that transpose (the
   forward domains use it, so training through IBP/Double Margin gets it).
+* :func:`conv_general_dilated`: a drop-in for ``lax.conv_general_dilated`` that routes
+  plain strided NHWC convolutions to :func:`conv2d` (the models of
+  :mod:`dm_jax.models` use it, so plain training gets the fast input gradient too).
 * ``_conv_s1``: a stride-1 convolution whose kernel gradient is ``k*k`` matrix
   products (for the transposes above, applied to many tiny coefficient maps).
 
@@ -125,3 +128,34 @@ def _conv2d_bwd(strides, padding, res, g):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """``lax.conv_general_dilated`` with :func:`conv2d`'s input gradient where it applies.
+
+  Same signature and forward values. A strided, undilated, ungrouped NHWC/HWIO
+  convolution at default precision goes through :func:`conv2d` (a ``custom_vjp``, which
+  the bound interpreters see through); anything else is ``lax.conv_general_dilated``.
+  Pass it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
+  """
+  plain = (
+      lhs.ndim == 4 and rhs.ndim == 4 and tuple(window_strides) != (1, 1)
+      and dimension_numbers is not None
+      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+      and all(d == 1 for d in (rhs_dilation or (1, 1)))
+      and feature_group_count == 1 and batch_group_count == 1
+      and precision is None and preferred_element_type is None)
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), padding)

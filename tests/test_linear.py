@@ -532,3 +532,58 @@ def test_grad_conv_crown_ibp_finite():
   g = jax.grad(lambda p: jnp.mean(linear.margin_lower_bounds(
       model.apply, p, x, y, 0.05, "linf", method="crown_ibp")))(params)
   assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g))
+
+
+class BatchBlockTest(chex.TestCase):
+  """``batch_block``: bounds computed block by block equal the unblocked ones."""
+
+  def setUp(self):
+    super().setUp()
+    self.model = TinyConv()
+    self.params = random_params(self.model, (6, 6, 1), seed=7)
+    self.x = jnp.asarray(nominal_inputs((6, 6, 1), 7, seed=7))  # 7: uneven blocks
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*[(m, e) for m in ("crown_ibp", "fastlin", "crown")
+                              for e in ("scalar", "per_example", "per_element")])
+  def test_blocked_equals_unblocked(self, method, eps_kind):
+    eps = {"scalar": jnp.float32(0.05),
+           "per_example": jnp.linspace(0.0, 0.1, 7, dtype=jnp.float32),
+           "per_element": jnp.asarray(np.random.default_rng(0).uniform(
+               0.0, 0.1, self.x.shape), jnp.float32)}[eps_kind]
+    spec = jnp.asarray(np.random.default_rng(1).normal(size=(7, 4, 3)), jnp.float32)
+
+    def fn(x, e, s, block):
+      return linear.linear_bounds(self.model.apply, self.params, x, e, "linf", spec=s,
+                                  method=method, batch_block=block)
+
+    ref = fn(self.x, eps, spec, 0)
+    for block in (1, 3, 4):
+      got = self.variant(functools.partial(fn, block=block))(self.x, eps, spec)
+      chex.assert_shape((got.lower, got.upper), (7, 4))
+      chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-5)
+    # A shared (R, K) spec and l2 too.
+    ref2 = linear.linear_bounds(self.model.apply, self.params, self.x, 0.3, "l2",
+                                spec=spec[0], method=method, batch_block=0)
+    got2 = self.variant(lambda x: linear.linear_bounds(
+        self.model.apply, self.params, x, 0.3, "l2", spec=spec[0], method=method,
+        batch_block=2))(self.x)
+    chex.assert_trees_all_close(got2, ref2, rtol=1e-5, atol=1e-5)
+
+  def test_margins_and_default(self):
+    y = jnp.arange(7) % 3
+    lb = linear.margin_lower_bounds(self.model.apply, self.params, self.x, y, 0.05,
+                                    method="crown")  # default blocks on CPU
+    ref = linear.margin_lower_bounds(self.model.apply, self.params, self.x, y, 0.05,
+                                     method="crown", batch_block=0)
+    chex.assert_trees_all_close(lb, ref, rtol=1e-5, atol=1e-5)
+    assert linear.default_batch_block("ibp") == 0
+    assert linear.default_batch_block("crown", "projections") == 0
+    expected = linear.CPU_BATCH_BLOCK["crown"] if jax.default_backend() == "cpu" else 0
+    assert linear.default_batch_block("CNN-Cert-Ada") == expected
+
+  def test_bad_batch_block(self):
+    for bad in (-1, 2.5, "4"):
+      with pytest.raises(ValueError, match="batch_block"):
+        linear.linear_bounds(self.model.apply, self.params, self.x, 0.05, method="crown",
+                             batch_block=bad)

@@ -99,3 +99,48 @@ def test_conv2d_has_the_gradients_of_lax_conv(k, s, pad, hw):
   for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
                   jax.grad(loss(lax_conv), argnums=(0, 1))(x, kernel)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strides,padding,kw", [
+    ((2, 2), "SAME", {}), ((2, 2), ((1, 1), (1, 1)), {}), ((3, 2), "VALID", {}),
+    ((1, 1), "SAME", {}),  # stride 1: plain lax
+    ((2, 2), "SAME", dict(rhs_dilation=(2, 2))),  # dilated: plain lax
+    ((2, 2), "SAME", dict(feature_group_count=2))])  # grouped: plain lax
+def test_conv_general_dilated_drop_in(strides, padding, kw):
+  """Same values and gradients as lax.conv_general_dilated, called the way Flax does."""
+  cin = 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 10, cin))
+  kernel = jax.random.normal(
+      jax.random.PRNGKey(1), (3, 3, cin // kw.get("feature_group_count", 1), 6))
+  dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+  call = lambda f: (lambda a, kk: f(a, kk, strides, padding, lhs_dilation=(1, 1),
+                                    dimension_numbers=dn, precision=None,
+                                    **{"rhs_dilation": (1, 1), **kw}))
+  ours, ref = call(conv.conv_general_dilated), call(jax.lax.conv_general_dilated)
+  np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+  w = jax.random.normal(jax.random.PRNGKey(2), ref(x, kernel).shape)
+  loss = lambda f: (lambda a, kk: jnp.sum(w * jnp.tanh(f(a, kk))))
+  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
+                  jax.grad(loss(ref), argnums=(0, 1))(x, kernel)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_models_use_the_fast_conv_with_unchanged_bounds():
+  """dm_jax.models' strided convs trace to conv2d's custom_vjp; the bound interpreters
+  see through it (IBP bounds equal those of a plain-lax copy of the model)."""
+  import flax.linen as nn
+  from dm_jax import interval, models
+  model = models.get_model("small_s2")
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
+  params = model.init(jax.random.PRNGKey(1), x)
+  jaxpr = str(jax.make_jaxpr(model.apply)(params, x))
+  assert "custom_vjp_call" in jaxpr
+  plain = models.ConvStack(((16, 4, 2, models.PAD1), (32, 4, 2, models.PAD1)), (100,))
+  assert isinstance(plain, nn.Module)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(models.conv_lib, "conv_general_dilated", jax.lax.conv_general_dilated)
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(plain.apply)(params, x))
+    ref = interval.interval_bounds(plain.apply, params, x, 0.1, domain=(0, 1))
+  got = interval.interval_bounds(model.apply, params, x, 0.1, domain=(0, 1))
+  np.testing.assert_allclose(got.lower, ref.lower, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.upper, ref.upper, rtol=1e-5, atol=1e-5)
