@@ -87,6 +87,15 @@ def conv_input_transpose(A, kernel, strides, padding, in_hw):
   """
   kh, kw, cin, cout = kernel.shape
   s = tuple(strides)
+  pads = [(kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+          (kw - 1 - padding[1][0], kw - 1 - padding[1][1])]
+  if s == (1, 1) and min(min(p) for p in pads) >= 0:
+    # A correlation with the flipped, in/out-swapped kernel, written out in HWIO: the
+    # transpose jax.linear_transpose builds keeps the kernel in OI layout, which XLA:CPU
+    # runs on a slow generic path (10x) when the conv sits inside a loop (lax.map).
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+    out = _conv_s1(A, flipped, tuple(pads))
+    return out[:, :in_hw[0], :in_hw[1]]
   if s == (1, 1):
     n = A.shape[0]
     fwd = lambda t: lax.conv_general_dilated(t, kernel, s, padding,
