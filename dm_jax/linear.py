@@ -556,6 +556,12 @@ def margin_spec(y, num_classes: int, dtype=jnp.float32):
   return eye[y][:, None, :] - eye[None, :, :]
 
 
+def _other_classes(y, num_classes: int):
+  """(B, K-1): the classes j != y of each example, in increasing order."""
+  j = jnp.arange(num_classes - 1)[None, :]
+  return j + (j >= jnp.asarray(y)[:, None]).astype(j.dtype)
+
+
 def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="crown",
                   intermediate: Optional[str] = None, k=None, domain=None,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
@@ -718,12 +724,17 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
   if y.shape != x.shape[:1]:
     raise ValueError(f"y must have shape (B,) = {x.shape[:1]}; got {y.shape}.")
   num_classes = jax.eval_shape(lambda: apply_fn(params, x)).shape[-1]
-  spec = margin_spec(y, num_classes, x.dtype)
+  # Only the K-1 rows j != y are bounded (the row j == y is zero; bounding it would
+  # cost one more row through every backward pass); the zero is put back after.
+  others = _other_classes(y, num_classes)
+  eye = jnp.eye(num_classes, dtype=x.dtype)
+  spec = eye[y][:, None, :] - eye[others]
   b = linear_bounds(apply_fn, params, x, eps, norm, spec=spec, method=method,
                     intermediate=intermediate, k=k, domain=domain, chunk_bytes=chunk_bytes,
                     upper=False, num_projections=num_projections, key=key,
                     batch_block=batch_block)
-  return b.lower
+  rows = jnp.arange(x.shape[0])[:, None]
+  return jnp.zeros((x.shape[0], num_classes), b.lower.dtype).at[rows, others].set(b.lower)
 
 
 def relu_input_bounds(apply_fn, params, x, eps, norm="linf", *, method="crown",
