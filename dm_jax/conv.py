@@ -58,16 +58,30 @@ def _conv_s1_bwd(padding, res, g):
   _, x_vjp = jax.vjp(lambda t: lax.conv_general_dilated(
       t, kernel, (1, 1), padding, dimension_numbers=_DN), x)
   (dx,) = x_vjp(g)
-  kh, kw = kernel.shape[:2]
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  ho, wo = g.shape[1:3]
-  dk = jnp.stack([jnp.stack([
-      jnp.tensordot(xp[:, i:i + ho, j:j + wo, :], g, axes=([0, 1, 2], [0, 1, 2]))
-      for j in range(kw)]) for i in range(kh)])
+  dk = _kernel_gradient(x, g, kernel.shape, (1, 1), padding)
   return dx, dk.astype(kernel.dtype)
 
 
 _conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+
+
+def _kernel_gradient(x, g, kernel_shape, strides, padding):
+  """d<g, conv(x, K)>/dK as ``kh*kw`` matrix products over strided slices of ``x``.
+
+  XLA:CPU's own kernel gradient (a convolution over the batch axis) is as fast for a
+  training batch but slow for the batches of B*R coefficient maps of the bound passes.
+  """
+  kh, kw = kernel_shape[:2]
+  s = tuple(strides)
+  zero = jnp.zeros((), x.dtype)
+  xp = lax.pad(x, zero, ((0, 0, 0), (padding[0][0], padding[0][1], 0),
+                         (padding[1][0], padding[1][1], 0), (0, 0, 0)))
+  ho, wo = g.shape[1:3]
+  dk = jnp.stack([jnp.stack([
+      jnp.tensordot(xp[:, i:i + s[0] * (ho - 1) + 1:s[0], j:j + s[1] * (wo - 1) + 1:s[1], :],
+                    g, axes=([0, 1, 2], [0, 1, 2]))
+      for j in range(kw)]) for i in range(kh)])
+  return dk
 
 
 def conv_input_transpose(A, kernel, strides, padding, in_hw):
@@ -85,6 +99,13 @@ def conv_input_transpose(A, kernel, strides, padding, in_hw):
     XLA runs several times faster on CPU than the lhs-dilated convolution that
     ``jax.linear_transpose`` produces.
   """
+  strides = tuple(int(d) for d in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv_input_transpose(A, kernel, strides, padding, tuple(int(d) for d in in_hw))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_input_transpose(A, kernel, strides, padding, in_hw):
   kh, kw, cin, cout = kernel.shape
   s = tuple(strides)
   pads = [(kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
@@ -114,6 +135,24 @@ def conv_input_transpose(A, kernel, strides, padding, in_hw):
   need = [lo[d] + in_hw[d] - out.shape[1 + d] for d in range(2)]
   out = jnp.pad(out, ((0, 0), (0, max(0, need[0])), (0, max(0, need[1])), (0, 0)))
   return out[:, lo[0]:lo[0] + in_hw[0], lo[1]:lo[1] + in_hw[1]]
+
+
+def _conv_input_transpose_fwd(A, kernel, strides, padding, in_hw):
+  return _conv_input_transpose(A, kernel, strides, padding, in_hw), (A, kernel)
+
+
+def _conv_input_transpose_bwd(strides, padding, in_hw, res, g):
+  # The transpose's own transpose is the convolution: its gradient w.r.t. A is the
+  # forward strided conv of g (XLA:CPU ran the stride-1 phase-conv gradient it replaces
+  # at ~30 GFLOP/s, the strided conv runs at ~200), and <g, T_K(A)> = <conv_K(g), A>
+  # gives the kernel gradient as that of a conv of g with cotangent A.
+  A, kernel = res
+  dA = lax.conv_general_dilated(g, kernel, strides, padding, dimension_numbers=_DN)
+  dk = _kernel_gradient(g, A, kernel.shape, strides, padding)
+  return dA.astype(A.dtype), dk.astype(kernel.dtype)
+
+
+_conv_input_transpose.defvjp(_conv_input_transpose_fwd, _conv_input_transpose_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

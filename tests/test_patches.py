@@ -63,8 +63,10 @@ def _reference_transpose(A, kernel, strides, padding, in_hw):
     (4, 2, ((1, 2), (1, 2)), (14, 14), 8),    # SAME-like, asymmetric
     (3, 2, ((1, 1), (0, 1)), (9, 8), 4),      # odd sizes, kernel not a multiple of s
     (5, 3, ((2, 2), (2, 2)), (11, 11), 4),
-    (3, 1, ((1, 1), (1, 1)), (6, 6), 8),      # stride 1: linear_transpose path
-    (4, 2, ((1, 1), (1, 1)), (8, 8), 1)])     # cin < 4: linear_transpose path
+    (3, 1, ((1, 1), (1, 1)), (6, 6), 8),      # stride 1: explicit HWIO correlation
+    (4, 1, ((1, 2), (2, 1)), (7, 6), 3),      # stride 1, asymmetric (SAME for k = 4)
+    (2, 1, ((2, 2), (0, 3)), (5, 5), 2),      # padding > k - 1: linear_transpose path
+    (4, 2, ((1, 1), (1, 1)), (8, 8), 1)])     # cin = 1 (a first conv)
 def test_conv_input_transpose_values_and_gradients(k, s, pad, hw, cin):
   cout = 6
   kernel = jax.random.normal(jax.random.PRNGKey(0), (k, k, cin, cout))
