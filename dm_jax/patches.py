@@ -190,9 +190,11 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
       l, u = bounds[node]
       c = jnp.broadcast_to(jnp.asarray(e.relu_const, l.dtype), l.shape)
       lo_s, lo_b, up_s, up_b = relaxation(l, u, c, method)
-      pos, neg = jnp.maximum(patch.A, 0), jnp.minimum(patch.A, 0)
-      A = pos * win(lo_s)[:, :, :, None] + neg * win(up_s)[:, :, :, None]
-      offset = offset + _win_sum(pos, win(lo_b)) + _win_sum(neg, win(up_b))
+      # pos * lo_s + neg * up_s with one select (see linear.backward).
+      take_lower = patch.A >= 0
+      A = patch.A * jnp.where(take_lower, win(lo_s)[:, :, :, None], win(up_s)[:, :, :, None])
+      picked_b = jnp.where(take_lower, win(lo_b)[:, :, :, None], win(up_b)[:, :, :, None])
+      offset = offset + jnp.sum(patch.A * picked_b, axis=(4, 5, 6))
       add(node, Patch(A, patch.K, patch.S, patch.P))
     elif e.kind == "maxpool":
       (_, node), = nodes
