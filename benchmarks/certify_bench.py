@@ -109,8 +109,18 @@ def machine_info() -> dict:
     load = os.getloadavg()
   except OSError:
     load = (float("nan"),) * 3
+  try:  # the code measured (a dirty tree is marked: its numbers are not reproducible)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                            capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=root, capture_output=True, text=True, check=False).stdout
+    commit = (commit + (" (with uncommitted changes)" if dirty.strip() else "")) or "?"
+  except OSError:
+    commit = "?"
   return dict(model=model, cores=cores, jax=jax.__version__, jaxlib=jaxlib.__version__,
-              backend=jax.default_backend(), load=load, python=platform.python_version())
+              backend=jax.default_backend(), load=load, python=platform.python_version(),
+              commit=commit)
 
 
 def run_worker(module: str, spec: dict, timeout: float) -> dict:
@@ -146,6 +156,7 @@ def append_run(title: str, argv, info: dict, body: str, start_load=None) -> None
           f"* command: `{cmd}`\n"
           f"* machine: {info['model']}, {info['cores']} cores (shared with other "
           f"workers), backend {info['backend']}\n"
+          f"* code: commit {info.get('commit', '?')}\n"
           f"* jax {info['jax']}, jaxlib {info['jaxlib']}, Python {info['python']}\n"
           f"* load average (1/5/15 min) at start: "
           f"{' / '.join(f'{x:.2f}' for x in load)}; at end: "
