@@ -183,13 +183,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """``lax.conv_general_dilated`` with :func:`conv2d`'s input gradient where it applies.
 
-  Same signature and forward values. A strided, undilated, ungrouped NHWC/HWIO
+  Same signature and forward values. On CPU, a strided, undilated, ungrouped NHWC/HWIO
   convolution at default precision goes through :func:`conv2d` (a ``custom_vjp``, which
-  the bound interpreters see through); anything else is ``lax.conv_general_dilated``.
+  the bound interpreters see through); anything else, and everything on GPU/TPU (whose
+  own strided-conv gradients are tuned, and where this one is unmeasured), is
+  ``lax.conv_general_dilated``.
   Pass it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
   """
   plain = (
-      lhs.ndim == 4 and rhs.ndim == 4 and tuple(window_strides) != (1, 1)
+      jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4 and tuple(window_strides) != (1, 1)
       and dimension_numbers is not None
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)

@@ -95,11 +95,16 @@ def test_conv2d_has_the_gradients_of_lax_conv(k, s, pad, hw):
   lax_conv = lambda a, kk: jax.lax.conv_general_dilated(
       a, kk, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   ours = lambda a, kk: conv.conv2d(a, kk, (s, s), pad)
-  np.testing.assert_allclose(ours(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
-  w = jax.random.normal(jax.random.PRNGKey(2), lax_conv(x, kernel).shape)
+  _assert_same_values_and_gradients(ours, lax_conv, x, kernel)
+
+
+def _assert_same_values_and_gradients(ours, ref, x, kernel):
+  """ours(x, kernel) == ref(x, kernel), and so are both gradients of a nonlinear loss."""
+  np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+  w = jax.random.normal(jax.random.PRNGKey(2), ref(x, kernel).shape)
   loss = lambda f: (lambda a, kk: jnp.sum(w * jnp.tanh(f(a, kk))))
   for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
-                  jax.grad(loss(lax_conv), argnums=(0, 1))(x, kernel)):
+                  jax.grad(loss(ref), argnums=(0, 1))(x, kernel)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -118,13 +123,8 @@ def test_conv_general_dilated_drop_in(strides, padding, kw):
   call = lambda f: (lambda a, kk: f(a, kk, strides, padding, lhs_dilation=(1, 1),
                                     dimension_numbers=dn, precision=None,
                                     **{"rhs_dilation": (1, 1), **kw}))
-  ours, ref = call(conv.conv_general_dilated), call(jax.lax.conv_general_dilated)
-  np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
-  w = jax.random.normal(jax.random.PRNGKey(2), ref(x, kernel).shape)
-  loss = lambda f: (lambda a, kk: jnp.sum(w * jnp.tanh(f(a, kk))))
-  for a, b in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, kernel),
-                  jax.grad(loss(ref), argnums=(0, 1))(x, kernel)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  _assert_same_values_and_gradients(call(conv.conv_general_dilated),
+                                    call(jax.lax.conv_general_dilated), x, kernel)
 
 
 def test_models_use_the_fast_conv_with_unchanged_bounds():
