@@ -127,6 +127,7 @@ def test_conv_general_dilated_drop_in(strides, padding, kw):
                                     call(jax.lax.conv_general_dilated), x, kernel)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fast conv is CPU-only")
 def test_models_use_the_fast_conv_with_unchanged_bounds():
   """dm_jax.models' strided convs trace to conv2d's custom_vjp; the bound interpreters
   see through it (IBP bounds equal those of a plain-lax copy of the model)."""
