@@ -130,22 +130,43 @@ def _interval(tape: Tape, node: int) -> Tuple[jax.Array, jax.Array]:
 
 # --------------------------------------------------------------------- relaxations
 
-def _relu_relaxation(l, u, c, method):
-  """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``."""
-  lc, uc = l - c, u - c
+def relu_constant(const, like):
+  """The constant c of a ReLU-like ``max(x, c)`` broadcast to ``like``'s shape, or None
+  when it is a known zero (plain ReLU: the intercept terms then vanish and are skipped,
+  which under grad also saves passes that multiply cotangents by the zero)."""
+  if _is_zero(const):
+    return None
+  return jnp.broadcast_to(jnp.asarray(const, like.dtype), like.shape)
+
+
+def _relu_relaxation(l, u, const, method):
+  """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``.
+
+  ``const`` is the ReLU's c as recorded; for a known zero ``lo_b`` is None (it is 0).
+  """
+  c = relu_constant(const, l)
+  if c is None:
+    lo_s, _, up_s, up_b = _relu_relaxation_shifted(l, u, method)
+    return lo_s, None, up_s, up_b
+  lo_s, _, up_s, up_b = _relu_relaxation_shifted(l - c, u - c, method)
+  # y - c = relu(x - c): shift back by c.
+  return lo_s, c - lo_s * c, up_s, up_b + c - up_s * c
+
+
+def _relu_relaxation_shifted(lc, uc, method):
+  """The relaxation of ``relu`` on ``[lc, uc]`` (lo_b is 0)."""
   active, inactive = lc >= 0, uc <= 0
   unstable = ~(active | inactive)
   denom = jnp.where(unstable, uc - lc, 1.0)
-  slope = jnp.where(unstable, uc / denom, active.astype(l.dtype))
+  slope = jnp.where(unstable, uc / denom, active.astype(lc.dtype))
   up_b_rel = jnp.where(unstable, -slope * lc, 0.0)
   if method == "fastlin":
     alpha = slope
   elif method == "crown":
-    alpha = jnp.where(unstable, (uc >= -lc).astype(l.dtype), slope)
+    alpha = jnp.where(unstable, (uc >= -lc).astype(lc.dtype), slope)
   else:  # zero
     alpha = jnp.where(unstable, 0.0, slope)
-  # y - c = relu(x - c): shift back by c.
-  return alpha, c - alpha * c, slope, up_b_rel + c - slope * c
+  return alpha, None, slope, up_b_rel
 
 
 def _window_slices(eqn, t, fill):
@@ -351,15 +372,17 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     (_, node) = next(r for r in entry.refs if r[0] == "node")
     l, u = bounds[node]
     if entry.kind == "relu":
-      c = jnp.broadcast_to(jnp.asarray(entry.relu_const, l.dtype), l.shape)
-      lo_s, lo_b, up_s, up_b = _relu_relaxation(l, u, c, method)
+      lo_s, lo_b, up_s, up_b = _relu_relaxation(l, u, entry.relu_const, method)
       # = pos * lo_s + neg * up_s (pos/neg the parts of A_out) with one select instead
       # of two materialised parts: fewer passes over (B, R, ...), under grad too.
       take_lower = A_out >= 0
       slope = jnp.where(take_lower, lo_s[:, None], up_s[:, None])
       add(node, A_out * slope)
-      picked_b = jnp.where(take_lower, lo_b[:, None], up_b[:, None])
-      offset = offset + jnp.sum(A_out * picked_b, axis=tuple(range(2, A_out.ndim)))
+      if lo_b is None:
+        picked_b = jnp.minimum(A_out, 0) * up_b[:, None]
+      else:
+        picked_b = A_out * jnp.where(take_lower, lo_b[:, None], up_b[:, None])
+      offset = offset + jnp.sum(picked_b, axis=tuple(range(2, A_out.ndim)))
     else:  # maxpool
       pos, neg = jnp.maximum(A_out, 0), jnp.minimum(A_out, 0)
       onehots, dominated, max_up = maxpool_relaxation(entry.eqn, l, u)
@@ -546,8 +569,8 @@ def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict
         radius = cauchy_scale(proj[node], axis=1)
         bounds[node] = (centre[node] - radius, centre[node] + radius)
     l, u = bounds[node]
-    c = jnp.broadcast_to(jnp.asarray(entry.relu_const, l.dtype), l.shape)
-    slope, lo_b, _, up_b = _relu_relaxation(l, u, c, "fastlin")
+    slope, lo_b, _, up_b = _relu_relaxation(l, u, entry.relu_const, "fastlin")
+    lo_b = 0.0 if lo_b is None else lo_b
     centre[entry.out] = slope * centre[node] + (lo_b + up_b) / 2
     proj[entry.out] = slope[:, None] * proj[node] + noise((up_b - lo_b) / 2)
   return bounds

@@ -188,13 +188,16 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
     if e.kind == "relu":
       (_, node), = nodes
       l, u = bounds[node]
-      c = jnp.broadcast_to(jnp.asarray(e.relu_const, l.dtype), l.shape)
-      lo_s, lo_b, up_s, up_b = relaxation(l, u, c, method)
+      lo_s, lo_b, up_s, up_b = relaxation(l, u, e.relu_const, method)
       # pos * lo_s + neg * up_s with one select (see linear.backward).
       take_lower = patch.A >= 0
       A = patch.A * jnp.where(take_lower, win(lo_s)[:, :, :, None], win(up_s)[:, :, :, None])
-      picked_b = jnp.where(take_lower, win(lo_b)[:, :, :, None], win(up_b)[:, :, :, None])
-      offset = offset + jnp.sum(patch.A * picked_b, axis=(4, 5, 6))
+      if lo_b is None:  # plain ReLU: the lower intercept is 0
+        picked_b = jnp.minimum(patch.A, 0) * win(up_b)[:, :, :, None]
+      else:
+        picked_b = patch.A * jnp.where(take_lower, win(lo_b)[:, :, :, None],
+                                       win(up_b)[:, :, :, None])
+      offset = offset + jnp.sum(picked_b, axis=(4, 5, 6))
       add(node, Patch(A, patch.K, patch.S, patch.P))
     elif e.kind == "maxpool":
       (_, node), = nodes

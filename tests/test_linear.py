@@ -587,3 +587,30 @@ class BatchBlockTest(chex.TestCase):
       with pytest.raises(ValueError, match="batch_block"):
         linear.linear_bounds(self.model.apply, self.params, self.x, 0.05, method="crown",
                              batch_block=bad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mc_soundness_relu_with_nonzero_constant(method):
+  """max(h, c) with c != 0 (the shifted relaxation; plain ReLU skips the intercepts)."""
+  rng = np.random.default_rng(11)
+  params = {"w1": jnp.asarray(rng.normal(size=(5, 12)), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(12, 12)) / 3, jnp.float32),
+            "w3": jnp.asarray(rng.normal(size=(12, 4)) / 3, jnp.float32)}
+
+  def fn(p, x):
+    h = jnp.maximum(x @ p["w1"], 0.3)
+    h = jnp.maximum(h @ p["w2"] - 0.5, -0.2)
+    return jax.nn.relu(h) @ p["w3"]
+
+  x = jnp.asarray(rng.uniform(size=(3, 5)), jnp.float32)
+  eps = 0.2
+  b = linear.linear_bounds(fn, params, x, eps, "linf", method=method)
+  pts = np.asarray(x)[:, None] + eps * rng.choice([-1.0, 1.0], size=(3, 2000, 5))
+  pts[:, :1000] = np.asarray(x)[:, None] + rng.uniform(-eps, eps, size=(3, 1000, 5))
+  f = np.asarray(jax.vmap(lambda p: fn(params, p))(jnp.asarray(pts, jnp.float32)))
+  assert np.all(np.asarray(b.lower)[:, None] <= f + 1e-4), method
+  assert np.all(np.asarray(b.upper)[:, None] >= f - 1e-4), method
+  # Not vacuous: the first layer has unstable units around c = 0.3.
+  pre = np.asarray(x) @ np.asarray(params["w1"])
+  radius = eps * np.abs(np.asarray(params["w1"])).sum(0)
+  assert np.any((pre - radius < 0.3) & (pre + radius > 0.3))
