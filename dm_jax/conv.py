@@ -77,9 +77,10 @@ def _kernel_gradient(x, g, kernel_shape, strides, padding):
   xp = lax.pad(x, zero, ((0, 0, 0), (padding[0][0], padding[0][1], 0),
                          (padding[1][0], padding[1][1], 0), (0, 0, 0)))
   ho, wo = g.shape[1:3]
+  g2 = g.reshape(-1, g.shape[-1])
   dk = jnp.stack([jnp.stack([
-      jnp.tensordot(xp[:, i:i + s[0] * (ho - 1) + 1:s[0], j:j + s[1] * (wo - 1) + 1:s[1], :],
-                    g, axes=([0, 1, 2], [0, 1, 2]))
+      xp[:, i:i + s[0] * (ho - 1) + 1:s[0], j:j + s[1] * (wo - 1) + 1:s[1], :]
+      .reshape(-1, x.shape[-1]).T @ g2
       for j in range(kw)]) for i in range(kh)])
   return dk
 
