@@ -8,8 +8,8 @@
 * :func:`conv_general_dilated`: a drop-in for ``lax.conv_general_dilated`` that routes
   plain strided NHWC convolutions to :func:`conv2d` (the models of
   :mod:`dm_jax.models` use it, so plain training gets the fast input gradient too).
-* ``_conv_s1``: a stride-1 convolution whose kernel gradient is ``k*k`` matrix
-  products (for the transposes above, applied to many tiny coefficient maps).
+* ``_kernel_gradient``: the kernel gradient of a convolution as ``k*k`` matrix products
+  (the custom VJP of :func:`conv_input_transpose`, applied to many tiny coefficient maps).
 
 Every function is checked against ``jax.linear_transpose`` / ``jax.vjp`` of
 ``lax.conv_general_dilated`` in ``tests/test_patches.py``.
@@ -36,33 +36,10 @@ def is_nhwc_conv(eqn) -> bool:
           and all(d == 1 for d in p["lhs_dilation"]) and all(d == 1 for d in p["rhs_dilation"]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_s1(x, kernel, padding):
-  """Stride-1 NHWC/HWIO convolution whose kernel gradient is k*k matrix products.
-
-  For the phase-decomposed transposes below, ``x`` holds ``B * R`` coefficient maps of a
-  few pixels each; XLA:CPU computes the kernel gradient of such a convolution (a
-  convolution over the batch axis) 10-15x slower than the convolution itself, which
-  made the CROWN-IBP training step mostly that one gradient.
-  """
-  return lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                  dimension_numbers=_DN)
-
-
-def _conv_s1_fwd(x, kernel, padding):
-  return _conv_s1(x, kernel, padding), (x, kernel)
-
-
-def _conv_s1_bwd(padding, res, g):
-  x, kernel = res
-  _, x_vjp = jax.vjp(lambda t: lax.conv_general_dilated(
-      t, kernel, (1, 1), padding, dimension_numbers=_DN), x)
-  (dx,) = x_vjp(g)
-  dk = _kernel_gradient(x, g, kernel.shape, (1, 1), padding)
-  return dx, dk.astype(kernel.dtype)
-
-
-_conv_s1.defvjp(_conv_s1_fwd, _conv_s1_bwd)
+  """Stride-1 NHWC/HWIO convolution (the transposes below; their custom VJP supplies the
+  gradients, so this one is never differentiated)."""
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DN)
 
 
 def _kernel_gradient(x, g, kernel_shape, strides, padding):
@@ -192,8 +169,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   Pass it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
   """
   plain = (
-      jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4 and tuple(window_strides) != (1, 1)
-      and dimension_numbers is not None
+      jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+      and tuple(window_strides) != (1, 1) and dimension_numbers is not None
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)
       and all(d == 1 for d in (lhs_dilation or (1, 1)))

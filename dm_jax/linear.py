@@ -146,15 +146,15 @@ def _relu_relaxation(l, u, const, method):
   """
   c = relu_constant(const, l)
   if c is None:
-    lo_s, _, up_s, up_b = _relu_relaxation_shifted(l, u, method)
+    lo_s, up_s, up_b = _relu_relaxation_at_zero(l, u, method)
     return lo_s, None, up_s, up_b
-  lo_s, _, up_s, up_b = _relu_relaxation_shifted(l - c, u - c, method)
+  lo_s, up_s, up_b = _relu_relaxation_at_zero(l - c, u - c, method)
   # y - c = relu(x - c): shift back by c.
   return lo_s, c - lo_s * c, up_s, up_b + c - up_s * c
 
 
-def _relu_relaxation_shifted(lc, uc, method):
-  """The relaxation of ``relu`` on ``[lc, uc]`` (lo_b is 0)."""
+def _relu_relaxation_at_zero(lc, uc, method):
+  """``(lo_s, up_s, up_b)`` of ``relu`` on ``[lc, uc]`` (its lower intercept is 0)."""
   active, inactive = lc >= 0, uc <= 0
   unstable = ~(active | inactive)
   denom = jnp.where(unstable, uc - lc, 1.0)
@@ -166,7 +166,7 @@ def _relu_relaxation_shifted(lc, uc, method):
     alpha = jnp.where(unstable, (uc >= -lc).astype(lc.dtype), slope)
   else:  # zero
     alpha = jnp.where(unstable, 0.0, slope)
-  return alpha, None, slope, up_b_rel
+  return alpha, slope, up_b_rel
 
 
 def _window_slices(eqn, t, fill):
@@ -618,30 +618,29 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
       ``intermediate="projections"``.
     batch_block: examples per block; the blocks run one after another (``lax.map``),
       which bounds the working set. Each example's bounds do not depend on the others,
-      so the bounds are the same (up to float rounding). ``None`` picks :func:`default_batch_block`; 0 turns
-      blocking off.
+      so the bounds are the same (up to float rounding). ``None`` picks
+      :func:`default_batch_block`; 0 turns blocking off.
 
   Returns:
     Bounds with (B, R) lower and upper.
   """
   method = canonical_method(method)
-  make_input_set(x, eps, norm, k, domain)  # validates the arguments on the whole batch
+  iset = make_input_set(x, eps, norm, k, domain)  # also validates the whole batch
   batch = x.shape[0]
   if batch_block is None:
     batch_block = default_batch_block(method, intermediate)
   if not isinstance(batch_block, (int, np.integer)) or batch_block < 0:
     raise ValueError(f"batch_block must be a non-negative integer or None; got "
                      f"{batch_block!r}.")
-  kwargs = dict(norm=norm, method=method, intermediate=intermediate, k=k, domain=domain,
-                chunk_bytes=chunk_bytes, use_patches=use_patches, upper=upper,
-                num_projections=num_projections, key=key)
+  kwargs = dict(method=method, intermediate=intermediate, chunk_bytes=chunk_bytes,
+                use_patches=use_patches, upper=upper, num_projections=num_projections)
   if not batch_block or batch <= batch_block:
-    return _linear_bounds(apply_fn, params, x, eps, spec, **kwargs)
+    return _linear_bounds(apply_fn, params, iset, spec, key=key, **kwargs)
 
   def block_bounds(xb, eb, sb, i):
     # Each block draws its own projections (the same key would repeat them per block).
-    kw = dict(kwargs, key=None if key is None else jax.random.fold_in(key, i))
-    return _linear_bounds(apply_fn, params, xb, eb, sb, **kw)
+    return _linear_bounds(apply_fn, params, make_input_set(xb, eb, norm, k, domain), sb,
+                          key=None if key is None else jax.random.fold_in(key, i), **kwargs)
 
   return _blocked(block_bounds, x, eps, spec, int(batch_block))
 
@@ -662,11 +661,12 @@ def default_batch_block(method: str, intermediate: Optional[str] = None) -> int:
 
 
 def _blocked(fn, x, eps, spec, block: int) -> Bounds:
-  """``fn(x, eps, spec, block_index)`` on consecutive blocks of ``block`` examples, concatenated.
+  """``fn(x, eps, spec, block_index)`` on consecutive blocks of examples, concatenated.
 
-  The blocks are made as even as possible and the batch is padded to a multiple of
-  their size with copies of its last example (one compiled block for any remainder); ``eps`` and ``spec`` are split
-  along the batch where they have one.
+  The blocks hold at most ``block`` examples and are made as even as possible; the batch
+  is padded to a multiple of their size with copies of its last example (one compiled
+  block for any remainder). ``eps`` and ``spec`` are split along the batch where they
+  have one.
   """
   batch = x.shape[0]
   n_blocks = -(-batch // block)
@@ -695,10 +695,9 @@ def _blocked(fn, x, eps, spec, block: int) -> Bounds:
   return Bounds(merge(lo), merge(up))
 
 
-def _linear_bounds(apply_fn, params, x, eps, spec, *, norm, method, intermediate, k, domain,
+def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermediate,
                    chunk_bytes, use_patches, upper, num_projections, key) -> Bounds:
-  """:func:`linear_bounds` on one block (arguments validated there)."""
-  iset = make_input_set(x, eps, norm, k, domain)
+  """:func:`linear_bounds` on one block's input set (arguments validated there)."""
   tape = record_tape(apply_fn, params, iset)
   out_lo, _ = _interval(tape, tape.output)
   batch, num = out_lo.shape[0], int(np.prod(out_lo.shape[1:]))
