@@ -87,6 +87,14 @@ flags.DEFINE_enum("kappa_mode", "schedule", ["schedule", "ada"], "kappa on the r
                   "l_clean) on held-out training data (ibp, crown_ibp, bounded, dm with "
                   "--lam_form=kappa).")
 flags.DEFINE_float("ada_gamma", 10.0, "kappa_mode=ada: gamma.")
+flags.DEFINE_float("kappa_final", 0.5, "Final weight kappa of the clean loss (kappa forms: "
+                   "ibp, crown_ibp, bounded, dm with --lam_form=kappa); 1 -> kappa_final on "
+                   "the eps ramp.")
+flags.DEFINE_bool("dm_domain", False, "Double Margin: intersect the start interval "
+                  "[x - eps, x + eps] with the data box [0, 1] (as IBP/CROWN-IBP do).")
+flags.DEFINE_bool("cert_domain", False, "Certify on the eps ball intersected with the data "
+                  "box [0, 1] (the threat model of Gowal et al. and Zhang et al.); off: the "
+                  "plain ball.")
 flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examples held "
                      "out to measure the losses.")
 
@@ -155,6 +163,12 @@ def build_config(defaults: DatasetDefaults):
   lr_boundaries = parse_steps(FLAGS.lr_boundaries, "lr_boundaries")
   # Let methods validate the remaining options (lam_form, norm for PGD, ...).
   method_kwargs = {}
+  if FLAGS.dm_domain:
+    if not canonical_method(method).startswith("dm"):
+      raise ValueError(f"--dm_domain applies to the Double Margin methods, not {method!r}")
+    method_kwargs["dm_domain"] = True
+  if not 0.0 <= FLAGS.kappa_final <= 1.0:
+    raise ValueError(f"--kappa_final must be in [0, 1]; got {FLAGS.kappa_final}")
   if FLAGS.projections:
     if canonical_method(method) != "bounded":
       raise ValueError(f"--projections applies to --method=bounded, not {method!r}")
@@ -182,12 +196,13 @@ def build_config(defaults: DatasetDefaults):
 
 
 def certify_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size,
-                  eps_scale=1.0, progress=True):
+                  eps_scale=1.0, progress=True, domain=None):
   """``dm_jax.certify.certified_accuracy_table`` and its formatted table."""
   from dm_jax import certify
   table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
                                            methods=tuple(methods), norm=norm,
-                                           batch_size=batch_size, progress=progress)
+                                           batch_size=batch_size, progress=progress,
+                                           domain=domain)
   label = "eps" if eps_scale == 1.0 else f"eps*{eps_scale:g}"
   return table, certify.format_table(table, eps_scale=eps_scale, eps_label=label)
 
@@ -254,10 +269,11 @@ def run(defaults: DatasetDefaults) -> None:
   idx = np.sort(np.random.default_rng(config.seed).choice(dataset.num_test, n, replace=False))
   x, y = dataset.x_test[idx], dataset.y_test[idx]
   _, apply_fn = train_lib.build_model(config, dataset.num_classes)
+  cert_domain = (0.0, 1.0) if FLAGS.cert_domain else None
   t1 = time.time()
   table, text = certify_table(apply_fn, state.params, x, y, defaults.eps_grid, cert_methods,
                               config.norm, FLAGS.cert_batch_size, defaults.eps_scale,
-                              FLAGS.progress)
+                              FLAGS.progress, cert_domain)
   cert_time = time.time() - t1
   lam = (config.lam_final if config.lam_final is not None else
          __import__("dm_jax.schedules", fromlist=["x"]).default_lam_final(
@@ -265,13 +281,15 @@ def run(defaults: DatasetDefaults) -> None:
   header = (f"Certified accuracy ({n} random test points, seed {config.seed}), "
             f"{defaults.dataset} {config.arch} {config.method} eps_train="
             f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g}; "
+            f"input set: {'ball and box [0, 1]' if cert_domain else 'ball'}; "
             f"eps grid: {', '.join(defaults.eps_grid_label)}")
   print(header)
   print(text, flush=True)
   info = {"dataset": defaults.dataset, "method": config.method, "arch": config.arch,
           "eps_train": config.eps_train, "lam_form": config.lam_form, "lambda_final": lam,
           "num_points": n, "test_indices": idx.tolist(), "seed": config.seed,
-          "cert_methods": list(cert_methods), "train_time_s": train_time,
+          "cert_methods": list(cert_methods), "cert_domain": cert_domain,
+          "train_time_s": train_time,
           "cert_time_s": cert_time, "step": int(state.step), "config": config.to_json()}
   write_table(workdir, table, defaults.eps_grid, defaults.eps_grid_label, info)
   print(f"wrote {workdir / 'certified.json'} and {workdir / 'certified.csv'}", flush=True)

@@ -1,0 +1,159 @@
+r"""The recipe search of docs/recipes.md: short runs of named training recipes, one table.
+
+  python -m experiments.recipe_search --stage=mnist_short            # run what is missing
+  python -m experiments.recipe_search --stage=mnist_short --list     # commands only
+  python -m experiments.recipe_search --stage=mnist_short --summary  # the table
+
+Each recipe is a set of flags of ``experiments.<dataset>``; every run of a stage shares
+the stage's common flags (epochs, seed, certification points and certifiers), so the
+rows differ only in what the recipe names. Runs go one after another in subprocesses
+(one heavy job at a time on 2 cores), each in ``<root>/<stage>/<recipe>``; a run whose
+``certified.json`` exists is skipped, an interrupted one resumes from its checkpoint.
+``--summary`` reads each run's ``certified.json`` and ``metrics.jsonl`` and prints a
+markdown table (clean accuracy, certified accuracy per certifier at the stage's eps,
+training wall time) and writes it to ``<root>/<stage>/summary.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("stage", "mnist_short", "Which group of recipes (see STAGES).")
+flags.DEFINE_string("root", "runs/recipes", "Where the runs' workdirs go.")
+flags.DEFINE_string("only", None, "Comma-separated recipe names to run (default: all).")
+flags.DEFINE_bool("list", False, "Print each run's command and whether it is done.")
+flags.DEFINE_bool("summary", False, "Print the table of finished runs (no training).")
+flags.DEFINE_string("data_dir", None, "Passed on as --data_dir.")
+
+# An MNIST run of 20 epochs is 12,000 steps of batch 100. "long ramp": eps 0 for one
+# epoch, linear to eps_train at half of the run; lr x0.1 at 75% and 90%.
+_LONG = ("--eps_schedule=600,6000", "--lr_boundaries=9000,10800")
+
+# stage -> (dataset script, common flags, eps of the summary columns, {recipe: flags})
+STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple[str, ...]]]] = {
+    "mnist_short": (
+        "mnist",
+        ("--epochs=20", "--seed=0", "--num_cert_points=1000", "--cert_domain",
+         "--cert_methods=ibp,crown_ibp", "--noprogress"),
+        (0.1, 0.2, 0.3),
+        {
+            "dm_kappa_long_box": ("--lam_form=kappa", "--dm_domain") + _LONG,
+            "dm_kappa_long": ("--lam_form=kappa",) + _LONG,
+            "dm_kappa_long_box_eps0.4": ("--lam_form=kappa", "--dm_domain", "--eps=0.4")
+                                        + _LONG,
+            "dm_kappa_long_box_k0": ("--lam_form=kappa", "--dm_domain", "--kappa_final=0")
+                                    + _LONG,
+            "dm_kappa_long_box_lr1e-3": ("--lam_form=kappa", "--dm_domain", "--lr=1e-3")
+                                        + _LONG,
+            "ibp_long": ("--method=ibp",) + _LONG,
+            "dm_kappa_default_schedule": ("--lam_form=kappa",),
+        },
+    ),
+}
+
+
+def _command(stage: str, recipe: str) -> List[str]:
+  script, common, _, recipes = STAGES[stage]
+  workdir = Path(FLAGS.root) / stage / recipe
+  cmd = [sys.executable, "-m", f"experiments.{script}", *common, *recipes[recipe],
+         f"--workdir={workdir}"]
+  if FLAGS.data_dir:
+    cmd.append(f"--data_dir={FLAGS.data_dir}")
+  return cmd
+
+
+def _selected(stage: str) -> Sequence[str]:
+  recipes = STAGES[stage][3]
+  if not FLAGS.only:
+    return list(recipes)
+  names = [n.strip() for n in FLAGS.only.split(",") if n.strip()]
+  unknown = [n for n in names if n not in recipes]
+  if unknown:
+    raise ValueError(f"unknown recipe(s) {', '.join(unknown)} in stage {stage!r}; "
+                     f"expected some of {', '.join(recipes)}")
+  return names
+
+
+def _row(stage: str, recipe: str) -> Dict[str, object]:
+  _, _, eps_cols, recipes = STAGES[stage]
+  workdir = Path(FLAGS.root) / stage / recipe
+  out: Dict[str, object] = {"recipe": recipe, "flags": " ".join(recipes[recipe])}
+  cert = workdir / "certified.json"
+  if not cert.exists():
+    out["status"] = "not run" if not (workdir / "metrics.jsonl").exists() else "running"
+    return out
+  info = json.loads(cert.read_text())
+  table = info["table"]
+  grid = [float(e) for e in info["eps_grid"]]
+  out.update(status="done", clean=table.get("clean"), train_time_s=info.get("train_time_s"))
+  for name, values in table["rows"].items():
+    for e in eps_cols:
+      if e in grid:
+        out[f"{name}@{e:g}"] = values[grid.index(e)]
+  return out
+
+
+def summary(stage: str) -> str:
+  rows = [_row(stage, r) for r in STAGES[stage][3]]
+  cols = ["recipe", "status", "clean"] + sorted(
+      {k for r in rows for k in r if "@" in k}, key=lambda k: (k.split("@")[0] != "best", k))
+  cols.append("train_time_s")
+
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.1f}" if v > 1.5 else f"{100 * v:.1f}%"
+    return "" if v is None else str(v)
+
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+  path = Path(FLAGS.root) / stage / "summary.csv"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols + ["flags"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  return "\n".join(lines)
+
+
+def run() -> None:
+  if FLAGS.stage not in STAGES:
+    raise ValueError(f"unknown --stage {FLAGS.stage!r}; expected one of {', '.join(STAGES)}")
+  names = _selected(FLAGS.stage)
+  if FLAGS.summary:
+    print(summary(FLAGS.stage))
+    return
+  for recipe in names:
+    cmd = _command(FLAGS.stage, recipe)
+    done = (Path(FLAGS.root) / FLAGS.stage / recipe / "certified.json").exists()
+    if FLAGS.list:
+      print(("done  " if done else "todo  ") + " ".join(cmd[1:]))
+      continue
+    if done:
+      continue
+    print(f"[{time.strftime('%H:%M:%S')}] {recipe}: {' '.join(cmd[1:])}", flush=True)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+      raise RuntimeError(f"recipe {recipe} failed with exit code {rc}")
+  if not FLAGS.list:
+    print(summary(FLAGS.stage))
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected positional arguments: {' '.join(argv[1:])}")
+  try:
+    run()
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
