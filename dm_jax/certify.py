@@ -91,7 +91,9 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     return np.asarray(cert), np.asarray(lower)
   fn = _compiled_margin_fn(apply_fn, method, norm, k, None if domain is None else
                            tuple(domain), chunk_bytes)
-  batch_size = min(batch_size, n)
+  # A power of two no larger than batch_size: subsets of any size (the table's
+  # monotone pass) reuse a few compiled shapes; the last chunk is padded.
+  batch_size = min(batch_size, 1 << (n - 1).bit_length())
   certified, lowers = [], []
   chunks = range(0, n, batch_size)
   for start in tqdm(chunks, desc=f"certify {method}", disable=not progress, leave=False):
@@ -115,33 +117,107 @@ def certified_accuracy(apply_fn, params, x, y, eps_grid: Sequence[float], norm="
 
 def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
                              methods: Sequence[str] = ("fastlin", "ibp"), norm="linf", *,
-                             progress: bool = True, **kw) -> Dict:
+                             progress: bool = True, pgd: Optional[Dict] = None,
+                             monotone: bool = True, **kw) -> Dict:
   """Paper-style table: certified accuracy per certifier and eps, plus the "best" row.
+
+  Args:
+    apply_fn, params, x (N, ...), y (N,): the model and the points.
+    eps_grid: the radii (columns).
+    methods: certifiers (rows), see :func:`certify`.
+    pgd: optional keyword arguments of :func:`pgd_accuracy` (e.g. ``dict(steps=50,
+      restarts=2)``): adds the PGD row, the accuracy under attack, an upper bound of
+      what any sound certifier can reach, and ``certified_but_attacked``, the points
+      per eps some certifier certified and PGD broke (0, or a certifier is unsound).
+    monotone: certify, at each radius, only the points a method certified at the
+      previous smaller radius of the grid. Every method here is monotone in eps (a
+      certificate at eps holds at every smaller eps), so this changes no number and
+      saves the work on points already lost; it can only under-report, never
+      certify a point without checking it. ``False`` checks every point at every eps.
+    **kw: passed to :func:`certify` (``batch_size``, ``domain``, ``k``, ...).
 
   Returns:
     dict with ``eps`` (list), ``rows`` {method: [accuracy per eps]} including "best"
-    (a point counts if any method certifies it), ``num_points``, ``norm`` and ``clean``
-    (plain accuracy).
+    (a point counts if any method certifies it), ``num_points``, ``norm``, ``clean``
+    (plain accuracy), and with ``pgd``: ``pgd`` [accuracy under attack per eps],
+    ``certified_but_attacked`` [count per eps] and ``pgd_settings``.
   """
   methods = [canonical_certifier(m) for m in methods]
   x, y = _check_xy(x, y)
-  rows = {m: [] for m in methods}
-  best = []
+  n = x.shape[0]
+  order = np.argsort(np.asarray(eps_grid, np.float64), kind="stable")
+  cert_at = {m: [None] * len(eps_grid) for m in methods}
   bar = tqdm(total=len(methods) * len(eps_grid), desc="certification", disable=not progress)
-  for e in eps_grid:
-    union = np.zeros(x.shape[0], bool)
-    for m in methods:
-      cert, _ = certify(apply_fn, params, x, y, e, norm, method=m, **kw)
-      rows[m].append(float(cert.mean()))
-      union |= cert
+  for m in methods:
+    alive = np.ones(n, bool)
+    for i in order:
+      cert = np.zeros(n, bool)
+      todo = np.flatnonzero(alive) if monotone else np.arange(n)
+      if todo.size:
+        cert[todo], _ = certify(apply_fn, params, x[todo], y[todo], eps_grid[i], norm,
+                                method=m, **kw)
+      cert_at[m][i] = cert
+      alive = cert
       bar.update(1)
-    best.append(float(union.mean()))
   bar.close()
-  rows["best"] = best
+  union = [np.any([cert_at[m][i] for m in methods], axis=0) for i in range(len(eps_grid))]
+  rows = {m: [float(c.mean()) for c in cert_at[m]] for m in methods}
+  rows["best"] = [float(u.mean()) for u in union]
   logits = np.asarray(apply_fn(params, jnp.asarray(x)))
-  return {"eps": [float(e) for e in eps_grid], "rows": rows, "num_points": int(x.shape[0]),
-          "norm": canonical_norm(norm),
-          "clean": float((logits.argmax(-1) == np.asarray(y)).mean())}
+  table = {"eps": [float(e) for e in eps_grid], "rows": rows, "num_points": int(n),
+           "norm": canonical_norm(norm),
+           "clean": float((logits.argmax(-1) == np.asarray(y)).mean())}
+  if pgd is not None:
+    settings = dict(pgd)
+    robust = pgd_robust(apply_fn, params, x, y, eps_grid, norm,
+                        domain=kw.get("domain"), **settings)
+    table["pgd"] = [float(r.mean()) for r in robust]
+    table["certified_but_attacked"] = [int(np.sum(u & ~r)) for u, r in zip(union, robust)]
+    table["pgd_settings"] = settings
+  return table
+
+
+def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *,
+               steps: int = 50, restarts: int = 2, step_size: Optional[float] = None,
+               seed: int = 0, domain=None, batch_size: int = 200) -> list:
+  """Points PGD does not break, per eps: a list of (N,) bool (the empirical upper bound).
+
+  PGD (:func:`dm_jax.methods.pgd_attack`) on the margin loss ``max_{j != y} f_j - f_y``,
+  ``steps`` steps of ``step_size`` (default ``2.5 eps / steps``, Madry et al.'s rule),
+  ``restarts`` uniform random starts, inside the ball and the data box (``domain``,
+  default [0, 1]: images stay images). A point is robust at eps if it is classified
+  correctly at x and at every attack point found. ``norm``: linf or l2.
+  """
+  from dm_jax.methods import pgd_attack  # pylint: disable=import-outside-toplevel
+  x, y = _check_xy(x, y)
+  if steps < 1 or restarts < 1:
+    raise ValueError(f"PGD needs steps >= 1 and restarts >= 1; got {steps}, {restarts}.")
+  box = (0.0, 1.0) if domain is None else tuple(float(d) for d in domain)
+  n = x.shape[0]
+  bs = min(batch_size, n)
+
+  @jax.jit
+  def robust_fn(params, xb, yb, eps, step, key):
+    xa = pgd_attack(apply_fn, params, xb, yb, eps, key, steps=steps, step_size=step,
+                    norm=norm, domain=box, restarts=restarts, loss="margin")
+    ok_clean = jnp.argmax(apply_fn(params, xb), -1) == yb
+    return ok_clean & (jnp.argmax(apply_fn(params, xa), -1) == yb)
+
+  out = []
+  for i, eps in enumerate(eps_grid):
+    eps = float(eps)
+    step = step_size if step_size is not None else 2.5 * eps / steps
+    ok = np.zeros(n, bool)
+    for start in range(0, n, bs):
+      stop = min(start + bs, n)
+      pad = bs - (stop - start)
+      take = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], pad, 0)])
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), i * 1_000_003 + start)
+      r = robust_fn(params, jnp.asarray(take(x)), jnp.asarray(take(y)), jnp.float32(eps),
+                    jnp.float32(step), key)
+      ok[start:stop] = np.asarray(r)[:stop - start]
+    out.append(ok)
+  return out
 
 
 _LABELS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "fastlin": "CNN-Cert-ReLU",
@@ -156,18 +232,29 @@ def format_table(table: Dict, eps_scale: float = 1.0, eps_label: str = "eps") ->
   lines = [head]
   for m, accs in table["rows"].items():
     lines.append([_LABELS.get(m, m)] + [f"{100 * a:.1f}%" for a in accs])
+  if "pgd" in table:
+    lines.append(["PGD (upper bound)"] + [f"{100 * a:.1f}%" for a in table["pgd"]])
   widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
   out = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
          for r in lines]
   out.insert(1, "-" * len(out[0]))
-  return "\n".join(out) + f"\n({table['num_points']} points, norm {table['norm']}, " \
-      f"clean accuracy {100 * table['clean']:.1f}%)"
+  if "pgd" in table:
+    out.insert(len(out) - 1, "-" * len(out[0]))
+  tail = f"\n({table['num_points']} points, norm {table['norm']}, " \
+      f"clean accuracy {100 * table['clean']:.1f}%"
+  if "pgd" in table:
+    s = table["pgd_settings"]
+    tail += (f"; PGD: {s.get('steps', 50)} steps, {s.get('restarts', 2)} restarts, margin "
+             f"loss; certified points PGD broke: {sum(table['certified_but_attacked'])}")
+  return "\n".join(out) + tail + ")"
 
 
 def table_to_csv(table: Dict) -> str:
   lines = ["method," + ",".join(f"{e:g}" for e in table["eps"])]
   for m, accs in table["rows"].items():
     lines.append(m + "," + ",".join(f"{a:.4f}" for a in accs))
+  if "pgd" in table:
+    lines.append("pgd," + ",".join(f"{a:.4f}" for a in table["pgd"]))
   return "\n".join(lines) + "\n"
 
 
@@ -182,6 +269,9 @@ def plot_table(table: Dict, path: str, title: str = "", eps_scale: float = 1.0,
   for m, accs in table["rows"].items():
     ax.plot(eps, 100 * np.array(accs), marker="o", label=_LABELS.get(m, m),
             linestyle="--" if m == "best" else "-")
+  if "pgd" in table:
+    ax.plot(eps, 100 * np.array(table["pgd"]), marker="x", color="k", linestyle=":",
+            label="PGD (upper bound)")
   ax.set_xlabel(eps_label)
   ax.set_ylabel("certified accuracy (%)")
   ax.set_ylim(-2, 102)

@@ -90,6 +90,7 @@ class TrainConfig:
   eval_cert_points: int = 256
   eval_test_examples: Optional[int] = None           # None: the whole test split
   eval_batch_size: int = 500
+  eval_domain: bool = False                          # per-epoch check on ball & box [0, 1]
   prune_threshold: float = 1e-3
   prune_step: Optional[int] = None                   # None: end of the eps ramp
   progress: bool = True
@@ -314,9 +315,12 @@ class Evaluator:
     def logits_fn(params, x):
       return apply_fn(params, x)
 
+    domain = (0.0, 1.0) if config.eval_domain else None
+
     def cert_fn(params, x, y, eps):
       # IBP with the margin specification folded into the last affine layer.
-      lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp")
+      lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp",
+                               domain=domain)
       lb = jnp.where(jax.nn.one_hot(y, lb.shape[-1], dtype=bool), jnp.inf, lb)
       certified = jnp.min(lb, axis=-1) > 0
       correct = jnp.argmax(apply_fn(params, x), -1) == y
@@ -561,7 +565,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
 # what is trained).
 _RESUME_MAY_DIFFER = frozenset({
     "workdir", "progress", "log_every", "checkpoint_every_steps", "max_to_keep",
-    "eval_cert_points", "eval_test_examples", "eval_batch_size"})
+    "eval_cert_points", "eval_test_examples", "eval_batch_size", "eval_domain"})
 
 
 def _check_same_run(saved: Optional[Dict[str, Any]], config: TrainConfig, directory):

@@ -67,6 +67,10 @@ flags.DEFINE_integer("seed", 0, "Seed (init, data order, augmentation, cert poin
 flags.DEFINE_integer("num_cert_points", 200, "Random test points to certify (0: skip).")
 flags.DEFINE_string("cert_methods", "fastlin,ibp", "Certifiers for the table.")
 flags.DEFINE_integer("cert_batch_size", 50, "Certification batch size.")
+flags.DEFINE_integer("pgd_steps", 50, "PGD steps of the table's attack row (the empirical "
+                     "upper bound; margin loss, step 2.5 eps / steps).")
+flags.DEFINE_integer("pgd_restarts", 2, "PGD random restarts of the table's attack row (0: "
+                     "no attack row).")
 flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR).")
 flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in workdir.")
 flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.")
@@ -92,9 +96,9 @@ flags.DEFINE_float("kappa_final", 0.5, "Final weight kappa of the clean loss (ka
                    "the eps ramp.")
 flags.DEFINE_bool("dm_domain", False, "Double Margin: intersect the start interval "
                   "[x - eps, x + eps] with the data box [0, 1] (as IBP/CROWN-IBP do).")
-flags.DEFINE_bool("cert_domain", False, "Certify on the eps ball intersected with the data "
-                  "box [0, 1] (the threat model of Gowal et al. and Zhang et al.); off: the "
-                  "plain ball.")
+flags.DEFINE_bool("cert_domain", False, "Certify (final table and per-epoch IBP check) on "
+                  "the eps ball intersected with the data box [0, 1] (the threat model of "
+                  "Gowal et al. and Zhang et al.); off: the plain ball.")
 flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examples held "
                      "out to measure the losses.")
 
@@ -150,6 +154,9 @@ def build_config(defaults: DatasetDefaults):
     raise ValueError(f"--lr must be > 0; got {lr}")
   if FLAGS.num_cert_points < 0:
     raise ValueError(f"--num_cert_points must be >= 0; got {FLAGS.num_cert_points}")
+  if FLAGS.pgd_restarts < 0 or FLAGS.pgd_steps < 1:
+    raise ValueError(f"--pgd_steps must be >= 1 and --pgd_restarts >= 0; got "
+                     f"{FLAGS.pgd_steps}, {FLAGS.pgd_restarts}")
   if FLAGS.max_train_examples is not None and FLAGS.max_train_examples <= 0:
     raise ValueError(f"--max_train_examples must be > 0; got {FLAGS.max_train_examples}")
   if FLAGS.ensemble < 1:
@@ -185,7 +192,8 @@ def build_config(defaults: DatasetDefaults):
       workdir=workdir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       grad_clip=FLAGS.grad_clip, ensemble=FLAGS.ensemble, normalize=defaults.normalize,
       augment=defaults.augment, max_train_examples=FLAGS.max_train_examples,
-      eval_cert_points=FLAGS.eval_cert_points, progress=FLAGS.progress,
+      eval_cert_points=FLAGS.eval_cert_points, eval_domain=FLAGS.cert_domain,
+      progress=FLAGS.progress,
       method_kwargs=method_kwargs, kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
       ada_holdout=FLAGS.ada_holdout)
   config.validate()
@@ -196,13 +204,13 @@ def build_config(defaults: DatasetDefaults):
 
 
 def certify_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size,
-                  eps_scale=1.0, progress=True, domain=None):
+                  eps_scale=1.0, progress=True, domain=None, pgd=None):
   """``dm_jax.certify.certified_accuracy_table`` and its formatted table."""
   from dm_jax import certify
   table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
                                            methods=tuple(methods), norm=norm,
                                            batch_size=batch_size, progress=progress,
-                                           domain=domain)
+                                           domain=domain, pgd=pgd)
   label = "eps" if eps_scale == 1.0 else f"eps*{eps_scale:g}"
   return table, certify.format_table(table, eps_scale=eps_scale, eps_label=label)
 
@@ -233,6 +241,8 @@ def write_table(workdir: Path, table: Dict[str, Any], eps_grid, labels, info) ->
     w.writerow(["certifier"] + list(labels))
     for name, vals in table["rows"].items():
       w.writerow([name] + [f"{float(v):.4f}" for v in _to_jsonable(vals)])
+    if "pgd" in table:
+      w.writerow(["pgd"] + [f"{float(v):.4f}" for v in table["pgd"]])
 
 
 # ----------------------------------------------------------------------------- main
@@ -270,17 +280,20 @@ def run(defaults: DatasetDefaults) -> None:
   x, y = dataset.x_test[idx], dataset.y_test[idx]
   _, apply_fn = train_lib.build_model(config, dataset.num_classes)
   cert_domain = (0.0, 1.0) if FLAGS.cert_domain else None
+  pgd = (dict(steps=FLAGS.pgd_steps, restarts=FLAGS.pgd_restarts, seed=config.seed)
+         if FLAGS.pgd_restarts and config.norm in ("linf", "l2") else None)
   t1 = time.time()
   table, text = certify_table(apply_fn, state.params, x, y, defaults.eps_grid, cert_methods,
                               config.norm, FLAGS.cert_batch_size, defaults.eps_scale,
-                              FLAGS.progress, cert_domain)
+                              FLAGS.progress, cert_domain, pgd)
   cert_time = time.time() - t1
   lam = (config.lam_final if config.lam_final is not None else
          __import__("dm_jax.schedules", fromlist=["x"]).default_lam_final(
              config.method, config.lam_form))
   header = (f"Certified accuracy ({n} random test points, seed {config.seed}), "
             f"{defaults.dataset} {config.arch} {config.method} eps_train="
-            f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g}; "
+            f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g} "
+            f"kappa_final={config.kappa_final:g}; "
             f"input set: {'ball and box [0, 1]' if cert_domain else 'ball'}; "
             f"eps grid: {', '.join(defaults.eps_grid_label)}")
   print(header)

@@ -416,3 +416,30 @@ def test_negative_per_point_eps_rejected(trained):
   with pytest.raises(ValueError):
     C.certify(apply_fn, params, x, y, np.array([0.1, np.nan, 0.1, 0.1]), "linf",
               method="crown")
+
+
+def test_table_monotone_pass_and_pgd_row(trained):
+  """The monotone pass changes no number; the PGD row bounds every certifier from above
+  and breaks no certified point (independent evidence: an attack, not the bounds)."""
+  apply_fn, params, x, y = trained
+  grid = (0.03, 0.0, 0.01, 0.05)  # unsorted on purpose: the pass follows increasing eps
+  kw = dict(methods=("ibp", "fastlin"), norm="linf", progress=False, batch_size=16)
+  full = C.certified_accuracy_table(apply_fn, params, x, y, grid, monotone=False, **kw)
+  table = C.certified_accuracy_table(apply_fn, params, x, y, grid,
+                                     pgd=dict(steps=20, restarts=2), **kw)
+  assert table["rows"] == full["rows"]
+  assert table["eps"] == list(grid)
+  assert len(table["pgd"]) == len(grid)
+  assert table["certified_but_attacked"] == [0] * len(grid)
+  for i, e in enumerate(grid):
+    assert table["pgd"][i] >= table["rows"]["best"][i] - 1e-9
+    assert table["pgd"][i] <= table["clean"] + 1e-9
+  assert table["pgd"][grid.index(0.0)] == pytest.approx(table["clean"])
+  text = C.format_table(table)
+  assert "PGD (upper bound)" in text and "certified points PGD broke: 0" in text
+  assert "pgd," in C.table_to_csv(table)
+  # a radius where the attack succeeds somewhere: PGD finds adversarial points
+  robust = C.pgd_robust(apply_fn, params, x, y, (0.3,), steps=20, restarts=1)[0]
+  assert robust.mean() < table["clean"]
+  with pytest.raises(ValueError, match="restarts"):
+    C.pgd_robust(apply_fn, params, x, y, (0.1,), restarts=0)

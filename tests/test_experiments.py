@@ -75,9 +75,12 @@ def test_mnist_small_cnn_brief_command(tmp_path):
     ("experiments.cifar10", "--eps=abc", "eps"),
     ("experiments.gtsrb", "--no_such_flag=1", "no_such_flag"),
     ("experiments.mnist", "--epochs=two", "epochs"),
+    ("experiments.mnist", "--method=ibp --dm_domain", "dm_domain"),
+    ("experiments.mnist", "--kappa_final=1.5", "kappa_final"),
+    ("experiments.mnist", "--pgd_steps=0", "pgd_steps"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, module, flag, needle):
-  r = _run([module, flag, f"--workdir={tmp_path / 'w'}"], timeout=120)
+  r = _run([module, *flag.split(), f"--workdir={tmp_path / 'w'}"], timeout=120)
   assert r.returncode != 0
   lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1, r.stderr
