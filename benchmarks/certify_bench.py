@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -39,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+
+from dm_jax.provenance import machine_info  # noqa: E402  (re-exported for train_bench)
 
 INPUT_SHAPES = {"mnist": (28, 28, 1), "cifar": (32, 32, 3)}
 
@@ -92,35 +93,6 @@ Each run below lists the targets it measured as met / not met.
 def peak_rss_mb() -> float:
   """This process's peak RSS in MiB (Linux ru_maxrss is in KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def machine_info() -> dict:
-  model, cores = platform.processor() or "?", os.cpu_count()
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        model = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import jax
-  import jaxlib
-  try:
-    load = os.getloadavg()
-  except OSError:
-    load = (float("nan"),) * 3
-  try:  # the code measured (a dirty tree is marked: its numbers are not reproducible)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                            capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=root, capture_output=True, text=True, check=False).stdout
-    commit = (commit + (" (with uncommitted changes)" if dirty.strip() else "")) or "?"
-  except OSError:
-    commit = "?"
-  return dict(model=model, cores=cores, jax=jax.__version__, jaxlib=jaxlib.__version__,
-              backend=jax.default_backend(), load=load, python=platform.python_version(),
-              commit=commit)
 
 
 def run_worker(module: str, spec: dict, timeout: float) -> dict:

@@ -252,8 +252,10 @@ def run(defaults: DatasetDefaults) -> None:
   """Trains and certifies per the flags. Raises ValueError / DatasetNotFoundError."""
   import numpy as np
   from dm_jax import data as data_lib
+  from dm_jax import provenance
   from dm_jax import train as train_lib
 
+  t_start = time.time()
   config = build_config(defaults)
   cert_methods = tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
   if FLAGS.num_cert_points:
@@ -303,9 +305,19 @@ def run(defaults: DatasetDefaults) -> None:
           "num_points": n, "test_indices": idx.tolist(), "seed": config.seed,
           "cert_methods": list(cert_methods), "cert_domain": cert_domain,
           "train_time_s": train_time,
-          "cert_time_s": cert_time, "step": int(state.step), "config": config.to_json()}
+          "cert_time_s": cert_time, "wall_time_s": time.time() - t_start,
+          "step": int(state.step), "config": config.to_json(),
+          "pgd": pgd, "command": command_line(defaults.dataset),
+          "machine": provenance.machine_info()}
   write_table(workdir, table, defaults.eps_grid, defaults.eps_grid_label, info)
   print(f"wrote {workdir / 'certified.json'} and {workdir / 'certified.csv'}", flush=True)
+
+
+def command_line(dataset: str) -> str:
+  """The command that reproduces this run (as typed, flags in order)."""
+  import shlex
+  return " ".join(["python", "-m", f"experiments.{dataset}"]
+                  + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def parse_flags(argv):
