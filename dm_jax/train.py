@@ -483,9 +483,34 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
       sums: Dict[str, float] = {}
       count = 0
       t_epoch = time.time()
-      step_times = []
       it = data_lib.batches(dataset.x_train, dataset.y_train, config.batch_size,
                             config.seed, epoch, True)
+      # Metrics stay on the device and are fetched every ``sync_every`` steps (and
+      # before every checkpoint), so the host prepares the next batches while the
+      # device computes; a per-step fetch cost ~15% of a DM step on CPU. The finiteness
+      # check runs on the fetched steps in order, before any save: the first bad step is
+      # named and no checkpoint after it is written.
+      pending: List[Tuple[int, int, Any]] = []   # (step, batch, device metrics)
+      done: List[Tuple[int, Dict[str, float]]] = []  # checked, for the bar and callback
+      sync_every = 1 if callback is not None else max(config.log_every, 1)
+
+      def flush():
+        nonlocal count
+        fetched = jax.device_get([m for _, _, m in pending])
+        for (step_i, b_i, _), metrics in zip(pending, fetched):
+          metrics = {k: float(v) for k, v in metrics.items()}
+          if not metrics.pop("finite") or not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss or parameters at step {step_i} (epoch {epoch}, batch "
+                f"{b_i}): loss={metrics['loss']}; the last good checkpoint (step "
+                f"{last_saved}) in {ckpt.directory} is untouched.")
+          for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+          count += 1
+          done.append((step_i + 1, metrics))
+        pending.clear()
+
+      t_steps = time.time()
       for b, (x, y) in enumerate(it):
         if b < skip:
           continue
@@ -493,30 +518,31 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
           break
         if do_prune and step == prune_step and prune_step > 0:
           state = _prune(state, config.prune_threshold)
-        t0 = time.time()
         if ada:
           state, metrics = train_step(state, x, y, np.float32(kappa_now))
         else:
           state, metrics = train_step(state, x, y)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        step_times.append(time.time() - t0)
-        if not metrics.pop("finite") or not math.isfinite(metrics["loss"]):
-          raise FloatingPointError(
-              f"non-finite loss or parameters at step {step} (epoch {epoch}, batch {b}): "
-              f"loss={metrics['loss']}; the last good checkpoint (step {last_saved}) in "
-              f"{ckpt.directory} is untouched.")
+        pending.append((step, b, metrics))
         step += 1
-        for k, v in metrics.items():
-          sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if config.progress and (step % max(config.log_every, 1) == 0 or step == stop_at):
-          bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['train_acc']:.3f}",
-                          eps=f"{metrics['eps']:.3g}")
         bar.update(1)
-        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        will_save = bool(config.checkpoint_every_steps
+                         and step % config.checkpoint_every_steps == 0)
+        if will_save or step % sync_every == 0 or step == stop_at:
+          flush()
+          if config.progress and done:
+            last = done[-1][1]
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['train_acc']:.3f}",
+                            eps=f"{last['eps']:.3g}")
+        if will_save:
           save(step)
         if callback is not None:
-          callback(step, metrics)
+          for step_i, metrics_i in done:
+            callback(step_i, metrics_i)
+        done.clear()
+      if pending:
+        flush()
+        done.clear()
+      step_time = (time.time() - t_steps) / count if count else float("nan")
       skip = 0
       epoch_done = step % steps_per_epoch == 0 or step == total_steps
       if count == 0:
@@ -543,8 +569,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
                       holdout_clean_loss=clean)
         kappa_now = ada_kappa(robust, clean, config.ada_gamma)
         record["kappa_next"] = kappa_now
-      times = step_times[1:] if len(step_times) > 1 else step_times
-      record["step_time_s"] = float(np.median(times)) if times else float("nan")
+      record["step_time_s"] = step_time  # mean wall time per step, host work included
       record["epoch_time_s"] = time.time() - t_epoch
       record["wall_time_s"] = time.time() - wall0
       history.append(record)

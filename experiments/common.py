@@ -95,7 +95,10 @@ flags.DEFINE_float("kappa_final", 0.5, "Final weight kappa of the clean loss (ka
                    "ibp, crown_ibp, bounded, dm with --lam_form=kappa); 1 -> kappa_final on "
                    "the eps ramp.")
 flags.DEFINE_bool("dm_domain", False, "Double Margin: intersect the start interval "
-                  "[x - eps, x + eps] with the data box [0, 1] (as IBP/CROWN-IBP do).")
+                  "[x - eps, x + eps] with the data box [0, 1]. For dm/dm_s_only the start "
+                  "keeps z = x with s the clipped half width, so a pixel at 0 is modelled "
+                  "as [-eps/2, eps/2], not [0, eps]: harmful (docs/recipes.md). dm_ibp_v "
+                  "takes the clipped interval exactly.")
 flags.DEFINE_bool("cert_domain", False, "Certify (final table and per-epoch IBP check) on "
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
                   "Gowal et al. and Zhang et al.); off: the plain ball.")
