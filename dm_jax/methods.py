@@ -250,6 +250,14 @@ def _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain):
       xa = xa + step_size * g / n
     return _project(xa, x, eps, norm, domain)
 
+  if jax.default_backend() == "cpu":
+    # XLA:CPU runs the convolution gradients inside a while loop ~10x slower than
+    # straight-line code (small CNN, batch 200: 520 vs 45 ms per step), so on CPU the
+    # steps are unrolled; compile time grows with ``steps`` (~0.3 s per step there).
+    xa = x0
+    for i in range(steps):
+      xa = body(i, xa)
+    return xa
   return lax.fori_loop(0, steps, body, x0)
 
 
@@ -262,7 +270,8 @@ def _check_attack_norm(norm):
 
 def pgd_attack(apply_fn: Callable, params, x, y, eps, key, steps: int = 40,
                step_size: float = 0.01, norm="linf", domain=(0.0, 1.0),
-               restarts: int = 1, loss: str = "ce", random_start: bool = True):
+               restarts: int = 1, loss: str = "ce", random_start: bool = True,
+               x_init=None):
   """Projected gradient descent (Madry et al. 2018) on the l-inf or l2 ball.
 
   Each restart starts from a uniform random point of the ball (``random_start``; else
@@ -278,6 +287,8 @@ def pgd_attack(apply_fn: Callable, params, x, y, eps, key, steps: int = 40,
     key: PRNG key for the random starts.
     loss: "ce" (cross-entropy) or "margin" (max_{j != y} f_j - f_y; > 0 means a
       successful attack).
+    x_init: optional (B, ...) start point (projected onto the ball and the domain),
+      replacing the random start: continues an attack in chunks of ``steps``.
 
   Returns:
     (B, ...) adversarial inputs inside the ball and the domain.
@@ -289,7 +300,10 @@ def pgd_attack(apply_fn: Callable, params, x, y, eps, key, steps: int = 40,
   objective = lambda xa: _attack_objective(apply_fn(params, xa), y, loss)
 
   def one(k):
-    x0 = _random_start(k, x, eps, norm) if random_start else x
+    if x_init is not None:
+      x0 = lax.stop_gradient(x_init)
+    else:
+      x0 = _random_start(k, x, eps, norm) if random_start else x
     x0 = _project(x0, x, eps, norm, domain)
     xa = _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain)
     return xa, objective(xa)

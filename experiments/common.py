@@ -71,6 +71,8 @@ flags.DEFINE_integer("pgd_steps", 50, "PGD steps of the table's attack row (the 
                      "upper bound; margin loss, step 2.5 eps / steps).")
 flags.DEFINE_integer("pgd_restarts", 2, "PGD random restarts of the table's attack row (0: "
                      "no attack row).")
+flags.DEFINE_bool("pgd_attack_certified", True, "Attack the certified points too, counting "
+                  "any PGD breaks (soundness evidence); off: only the uncertified ones.")
 flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR).")
 flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in workdir.")
 flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.")
@@ -285,7 +287,8 @@ def run(defaults: DatasetDefaults) -> None:
   x, y = dataset.x_test[idx], dataset.y_test[idx]
   _, apply_fn = train_lib.build_model(config, dataset.num_classes)
   cert_domain = (0.0, 1.0) if FLAGS.cert_domain else None
-  pgd = (dict(steps=FLAGS.pgd_steps, restarts=FLAGS.pgd_restarts, seed=config.seed)
+  pgd = (dict(steps=FLAGS.pgd_steps, restarts=FLAGS.pgd_restarts, seed=config.seed,
+              attack_certified=FLAGS.pgd_attack_certified)
          if FLAGS.pgd_restarts and config.norm in ("linf", "l2") else None)
   t1 = time.time()
   table, text = certify_table(apply_fn, state.params, x, y, defaults.eps_grid, cert_methods,
