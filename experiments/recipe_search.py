@@ -32,6 +32,11 @@ flags.DEFINE_string("only", None, "Comma-separated recipe names to run (default:
 flags.DEFINE_bool("list", False, "Print each run's command and whether it is done.")
 flags.DEFINE_bool("summary", False, "Print the table of finished runs (no training).")
 flags.DEFINE_string("data_dir", None, "Passed on as --data_dir.")
+flags.DEFINE_string("collect", None, "Copy the small result files of the finished runs "
+                    "(certified.json/.csv, metrics.jsonl, run.json) and summary.csv to "
+                    "COLLECT/<stage>/<recipe>/ (e.g. results/mnist); no training.")
+
+RESULT_FILES = ("certified.json", "certified.csv", "metrics.jsonl", "run.json")
 
 # An MNIST run of 20 epochs is 12,000 steps of batch 100. "long ramp": eps 0 for one
 # epoch, linear to eps_train at half of the run; lr x0.1 at 75% and 90%.
@@ -51,10 +56,10 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "dm_kappa_long_box": ("--lam_form=kappa", "--dm_domain") + _LONG,
             "dm_kappa_long": ("--lam_form=kappa",) + _LONG,
             "dm_kappa_long_eps0.4": ("--lam_form=kappa", "--eps=0.4") + _LONG,
-            "dm_kappa_long_k0": ("--lam_form=kappa", "--kappa_final=0") + _LONG,
+            "ibp_long": ("--method=ibp",) + _LONG,
             "dm_ibp_v_kappa_long_box": ("--method=dm_ibp_v", "--lam_form=kappa",
                                         "--dm_domain") + _LONG,
-            "ibp_long": ("--method=ibp",) + _LONG,
+            "dm_kappa_long_k0": ("--lam_form=kappa", "--kappa_final=0") + _LONG,
             "dm_kappa_long_lr1e-3": ("--lam_form=kappa", "--lr=1e-3") + _LONG,
             "dm_kappa_default_schedule": ("--lam_form=kappa",),
         },
@@ -95,8 +100,14 @@ def _row(stage: str, recipe: str) -> Dict[str, object]:
   info = json.loads(cert.read_text())
   table = info["table"]
   grid = [float(e) for e in info["eps_grid"]]
-  out.update(status="done", clean=table.get("clean"), train_time_s=info.get("train_time_s"))
-  for name, values in table["rows"].items():
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+             if l.strip()]
+  # Training time over all (resumed) invocations: the epochs' own wall times.
+  out.update(status="done", clean=table.get("clean"),
+             test_acc_10k=records[-1].get("test_acc") if records else None,
+             train_time_s=sum(r.get("epoch_time_s", 0.0) for r in records))
+  rows = dict(table["rows"], **({"pgd": table["pgd"]} if "pgd" in table else {}))
+  for name, values in rows.items():
     for e in eps_cols:
       if e in grid:
         out[f"{name}@{e:g}"] = values[grid.index(e)]
@@ -105,13 +116,15 @@ def _row(stage: str, recipe: str) -> Dict[str, object]:
 
 def summary(stage: str) -> str:
   rows = [_row(stage, r) for r in STAGES[stage][3]]
-  cols = ["recipe", "status", "clean"] + sorted(
-      {k for r in rows for k in r if "@" in k}, key=lambda k: (k.split("@")[0] != "best", k))
+  order = {"best": 0, "pgd": 1}
+  cols = ["recipe", "status", "test_acc_10k", "clean"] + sorted(
+      {k for r in rows for k in r if "@" in k},
+      key=lambda k: (order.get(k.split("@")[0], 2), k))
   cols.append("train_time_s")
 
   def fmt(v):
     if isinstance(v, float):
-      return f"{v:.1f}" if v > 1.5 else f"{100 * v:.1f}%"
+      return f"{v:.0f}" if v > 1.5 else f"{100 * v:.1f}%"
     return "" if v is None else str(v)
 
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -125,12 +138,31 @@ def summary(stage: str) -> str:
   return "\n".join(lines)
 
 
+def collect(stage: str, names: Sequence[str], dest: Path) -> None:
+  """Copies each finished run's small files (never checkpoints) to dest/stage/recipe."""
+  import shutil
+  src_root = Path(FLAGS.root) / stage
+  for recipe in names:
+    src = src_root / recipe
+    if not (src / "certified.json").exists():
+      continue
+    out = dest / stage / recipe
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+      if (src / name).exists():
+        shutil.copy2(src / name, out / name)
+  shutil.copy2(src_root / "summary.csv", dest / stage / "summary.csv")
+  print(f"copied the finished runs' result files to {dest / stage}")
+
+
 def run() -> None:
   if FLAGS.stage not in STAGES:
     raise ValueError(f"unknown --stage {FLAGS.stage!r}; expected one of {', '.join(STAGES)}")
   names = _selected(FLAGS.stage)
-  if FLAGS.summary:
+  if FLAGS.summary or FLAGS.collect:
     print(summary(FLAGS.stage))
+    if FLAGS.collect:
+      collect(FLAGS.stage, names, Path(FLAGS.collect))
     return
   for recipe in names:
     cmd = _command(FLAGS.stage, recipe)

@@ -98,3 +98,38 @@ def test_missing_data_exits_with_one_line(tmp_path):
   lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
   assert "gtsrb" in lines[0].lower()
+
+
+def test_recipe_search_list_summary_collect(tmp_path):
+  """The recipe driver lists its commands, tabulates finished runs and copies their
+  small files (a finished run is faked: certified.json + metrics.jsonl)."""
+  r = _run(["experiments.recipe_search", "--stage=mnist_short", f"--root={tmp_path}",
+            "--list"], timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines and all(l.startswith("todo  -m experiments.mnist") for l in lines)
+  recipe = lines[0].split("--workdir=")[1].rsplit("/", 1)[1]
+  run = tmp_path / "mnist_short" / recipe
+  run.mkdir(parents=True)
+  grid = [0, 0.1, 0.2, 0.3]
+  (run / "certified.json").write_text(json.dumps({
+      "eps_grid": grid, "train_time_s": 1.0,
+      "table": {"clean": 0.9, "rows": {"ibp": [0.9, 0.8, 0.7, 0.6],
+                                       "best": [0.9, 0.8, 0.7, 0.65]},
+                "pgd": [0.9, 0.85, 0.75, 0.7]}}))
+  (run / "metrics.jsonl").write_text(
+      json.dumps({"epoch": 1, "test_acc": 0.91, "epoch_time_s": 10.0}) + "\n"
+      + json.dumps({"epoch": 2, "test_acc": 0.92, "epoch_time_s": 12.5}) + "\n")
+  dest = tmp_path / "results"
+  r = _run(["experiments.recipe_search", "--stage=mnist_short", f"--root={tmp_path}",
+            f"--collect={dest}"], timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  row = next(l for l in r.stdout.splitlines() if l.startswith(f"| {recipe} |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1:5] == ["done", "92.0%", "90.0%", "80.0%"] and cells[-1] == "22"
+  assert "65.0%" in cells and "70.0%" in cells  # best and PGD at 0.3
+  assert sorted(p.name for p in (dest / "mnist_short" / recipe).iterdir()) == [
+      "certified.json", "metrics.jsonl"]
+  assert (dest / "mnist_short" / "summary.csv").exists()
+  r = _run(["experiments.recipe_search", "--only=nope", f"--root={tmp_path}"], timeout=120)
+  assert r.returncode != 0 and "unknown recipe" in r.stderr
