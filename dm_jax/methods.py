@@ -385,6 +385,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                domain: Optional[Tuple[float, float]] = (0.0, 1.0),
                k: Optional[int] = None, ibp_margin: bool = False,
                crown_ibp_beta: Union[float, str] = 1.0, dm_domain: bool = False,
+               dm_loss: str = "split",
                mmr_units: int = 128, mmr_k_b: int = 64, mmr_k_d: Optional[int] = None,
                mmr_gamma_factor: float = 1.5, mmr_lam_d: float = 1.0,
                bounded_projections: int = 0) -> Method:
@@ -418,6 +419,11 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
       default) or the string "lam" to use ``hyper.lam`` as beta (so the trainer can
       ramp it from 1 to 0 as Zhang et al. do).
     dm_domain: dm*: intersect the DM start interval with ``domain``.
+    dm_loss: dm*: the robust term. "split" (the paper's eq. 9): CE_split(upper, lower)
+      = logsumexp(upper) - lower_y, whose logsumexp includes the true class's upper
+      end, so it keeps penalising the width u_y - l_y even of a certified point;
+      "worst_case": CE(z_hat), z_hat_y = lower_y and z_hat_j = upper_j (IBP's form,
+      Gowal et al.), which goes to 0 as the point becomes certified.
     mmr_units: mmr: number of distinct ReLU units sampled per example (uniformly
       without replacement, fresh each step) whose region-boundary distance
       |z_i| / ||grad_x z_i||_q is computed; each costs one backward pass (memory about
@@ -441,6 +447,8 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
   norm = canonical_norm(norm)
   if lam_form not in ("paper", "kappa"):
     raise ValueError(f"lam_form must be 'paper' or 'kappa'; got {lam_form!r}.")
+  if dm_loss not in ("split", "worst_case"):
+    raise ValueError(f"dm_loss must be 'split' or 'worst_case'; got {dm_loss!r}.")
   if not (isinstance(crown_ibp_beta, str) and crown_ibp_beta == "lam"
           or isinstance(crown_ibp_beta, (int, float))):
     raise ValueError(f"crown_ibp_beta must be a float or 'lam'; got {crown_ibp_beta!r}.")
@@ -465,6 +473,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                  pgd_step_size=pgd_step_size, pgd_random_start=pgd_random_start,
                  trades_beta=trades_beta, lam_form=lam_form, domain=domain, k=k,
                  ibp_margin=ibp_margin, crown_ibp_beta=crown_ibp_beta, dm_domain=dm_domain,
+                 dm_loss=dm_loss,
                  mmr_units=mmr_units, mmr_k_b=mmr_k_b, mmr_k_d=mmr_k_d,
                  mmr_gamma_factor=mmr_gamma_factor, mmr_lam_d=mmr_lam_d,
                  bounded_projections=bounded_projections)
@@ -644,13 +653,16 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
   # -- Double Margin
   variant = {"dm": "dm", "dm_s_only": "s_only", "dm_ibp_v": "ibp_v"}.get(name)
 
-  def dm_loss(params, apply_fn, x, y, hyper, key):
+  def dm_loss_fn(params, apply_fn, x, y, hyper, key):
     """(1 - lam) CE(z) + lam CE_split(z + s + v, z - s - v)  [= CE + lam R, eq. 9]."""
     del key
     m = double_margin(apply_fn, params, x, hyper.eps, norm, variant=variant, k=k,
                       domain=domain if dm_domain else None)
     ce = cross_entropy(m.z, y)
-    robust = jnp.mean(split_cross_entropy(m.upper, m.lower, y))
+    if dm_loss == "split":
+      robust = jnp.mean(split_cross_entropy(m.upper, m.lower, y))
+    else:
+      robust = cross_entropy(worst_case_logits(m.lower, m.upper, y), y)
     if lam_form == "paper":
       loss = (1 - hyper.lam) * ce + hyper.lam * robust
     else:
@@ -707,8 +719,10 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
   for n, what in (("dm", "Double Margin (Algorithm 1): z +/- (s + v)"),
                   ("dm_s_only", "Double Margin Variation 1 (s only): z +/- s"),
                   ("dm_ibp_v", "Double Margin Variation 2 (IBP + v): [l - v, u + v]")):
-    table[n] = (dm_loss, f"{what}; loss {dm_form}; CE_split(u, l) = logsumexp(u) - l_y "
-                "(eq. 9, DoubleMargin ICLR 2020 submission).")
+    table[n] = (dm_loss_fn, f"{what}; loss {dm_form}; " + (
+        "CE_split(u, l) = logsumexp(u) - l_y (eq. 9, DoubleMargin ICLR 2020 submission)."
+        if dm_loss == "split" else
+        "CE_split replaced by CE(z_hat), z_hat_y = l_y, z_hat_j = u_j (worst-case logits)."))
   loss_fn, description = table[name]
   if name in ("crown_ibp", "bounded"):
     loss_fn.__doc__ = description

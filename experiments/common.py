@@ -101,6 +101,9 @@ flags.DEFINE_bool("dm_domain", False, "Double Margin: intersect the start interv
                   "keeps z = x with s the clipped half width, so a pixel at 0 is modelled "
                   "as [-eps/2, eps/2], not [0, eps]: harmful (docs/recipes.md). dm_ibp_v "
                   "takes the clipped interval exactly.")
+flags.DEFINE_enum("dm_loss", "split", ["split", "worst_case"], "Double Margin's robust "
+                  "term: 'split' (eq. 9, logsumexp(upper) - lower_y) or 'worst_case' "
+                  "(CE of the worst-case logits, IBP's form).")
 flags.DEFINE_bool("cert_domain", False, "Certify (final table and per-epoch IBP check) on "
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
                   "Gowal et al. and Zhang et al.); off: the plain ball.")
@@ -179,6 +182,10 @@ def build_config(defaults: DatasetDefaults):
     if not canonical_method(method).startswith("dm"):
       raise ValueError(f"--dm_domain applies to the Double Margin methods, not {method!r}")
     method_kwargs["dm_domain"] = True
+  if FLAGS.dm_loss != "split":
+    if not canonical_method(method).startswith("dm"):
+      raise ValueError(f"--dm_loss applies to the Double Margin methods, not {method!r}")
+    method_kwargs["dm_loss"] = FLAGS.dm_loss
   if not 0.0 <= FLAGS.kappa_final <= 1.0:
     raise ValueError(f"--kappa_final must be in [0, 1]; got {FLAGS.kappa_final}")
   if FLAGS.projections:

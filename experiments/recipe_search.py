@@ -56,6 +56,7 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "dm_kappa_long_box": ("--lam_form=kappa", "--dm_domain") + _LONG,
             "dm_kappa_long": ("--lam_form=kappa",) + _LONG,
             "dm_kappa_long_eps0.4": ("--lam_form=kappa", "--eps=0.4") + _LONG,
+            "dm_wc_kappa_long": ("--lam_form=kappa", "--dm_loss=worst_case") + _LONG,
             "ibp_long": ("--method=ibp",) + _LONG,
             "dm_ibp_v_kappa_long_box": ("--method=dm_ibp_v", "--lam_form=kappa",
                                         "--dm_domain") + _LONG,

@@ -445,3 +445,30 @@ def test_crown_ibp_beta_mix():
         + (1 - beta) * linear.margin_lower_bounds(model.apply, params, x, y, eps, "linf",
                                                   method="ibp", **kw))
   np.testing.assert_allclose(float(loss), _ce(-lb, y), rtol=1e-5)
+
+
+def test_dm_worst_case_loss_is_ce_of_the_worst_case_logits():
+  """dm_loss="worst_case" is CE(z_hat) of the DM ends; it never exceeds eq. 9's split CE
+  (whose logsumexp has u_y >= l_y in place of l_y), and both agree at eps = 0."""
+  model = get_model("mlp", 10, hidden=(16,))
+  x = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1))
+  y = jnp.arange(6) % 10
+  params = model.init(jax.random.PRNGKey(1), x[:1])
+  for eps in (0.0, 0.05, 0.2):
+    hyper = Hyper.create(eps=eps, lam=0.5, kappa=0.5)
+    split = get_method("dm", lam_form="kappa").loss(
+        params, model.apply, x, y, hyper, None)[1]["robust_loss"]
+    wc = get_method("dm", lam_form="kappa", dm_loss="worst_case").loss(
+        params, model.apply, x, y, hyper, None)[1]["robust_loss"]
+    m = double_margin(model.apply, params, x, eps)
+    zhat = jnp.where(jax.nn.one_hot(y, 10, dtype=bool), m.lower, m.upper)
+    expected = jnp.mean(jax.nn.logsumexp(zhat, -1) - jnp.take_along_axis(
+        zhat, y[:, None], -1)[:, 0])
+    np.testing.assert_allclose(wc, expected, rtol=1e-5)
+    assert wc <= split + 1e-6
+    if eps == 0.0:
+      np.testing.assert_allclose(wc, split, rtol=1e-5)
+    else:
+      assert wc < split
+  with pytest.raises(ValueError, match="dm_loss"):
+    get_method("dm", dm_loss="nope")
