@@ -47,6 +47,9 @@ from jax import lax
 from dm_jax.double_margin import double_margin, split_cross_entropy
 from dm_jax.input_sets import canonical_norm, dual_norm
 from dm_jax.interval import interval_bounds
+from dm_jax.methods.attacks import (check_attack_norm, flat_norm, pgd_attack, softmax_kl,
+                                    trades_attack)
+from dm_jax.methods.penalties import add_penalties
 
 METHODS = ("normal", "l1", "l2", "adv", "trades", "ibp", "crown_ibp", "relu_stability",
            "bounded", "mmr", "dm", "dm_s_only", "dm_ibp_v")
@@ -54,7 +57,6 @@ METHODS = ("normal", "l1", "l2", "adv", "trades", "ibp", "crown_ibp", "relu_stab
 DEFAULT_L1 = 2e-5   # SPEC.md (SingleProp): 2e-5 * sum_i ||W_i||_{op,inf}
 DEFAULT_L2 = 1e-4   # (choice) the paper gives none
 
-from dm_jax.input_sets import TINY as _TINY  # sqrt(x + _TINY): finite grads at 0
 
 
 # ----------------------------------------------------------------------------- types
@@ -126,202 +128,6 @@ def margin_certified(lb, labels) -> jax.Array:
   return jnp.mean(jnp.all(jnp.where(onehot, True, lb > 0), axis=-1).astype(jnp.float32))
 
 
-def _kernels(params):
-  """The leaves of ``params`` whose last path key is ``kernel``."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = []
-  for path, leaf in leaves:
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", None))
-    if name == "kernel":
-      out.append(leaf)
-  return out
-
-
-def l1_penalty(params) -> jax.Array:
-  """sum over layers of ||W||_{op,inf}: the max over output units of the l1 norm of the
-  unit's weights. Dense kernel (in, out): l1 over ``in``; conv kernel (h, w, in, out):
-  l1 over h, w, in (the weights of one output channel)."""
-  total = jnp.zeros((), jnp.float32)
-  for k in _kernels(params):
-    k2 = jnp.abs(k).reshape((-1, k.shape[-1]))
-    total = total + jnp.max(jnp.sum(k2, axis=0))
-  return total
-
-
-def l2_penalty(params) -> jax.Array:
-  """sum over layers of the squared Frobenius norm of the kernel."""
-  total = jnp.zeros((), jnp.float32)
-  for k in _kernels(params):
-    total = total + jnp.sum(jnp.square(k))
-  return total
-
-
-def prune_small_weights(params, threshold: float = 1e-3):
-  """Magnitude pruning (Xiao et al. 2019): zero every kernel weight with |w| < threshold.
-
-  Returns:
-    ``(pruned_params, masks)``; ``masks`` has the structure of ``params`` with a 0/1
-    array of the kernel's shape for kernels and ``None`` elsewhere (biases are kept).
-    Keep the pruned weights at zero while fine-tuning with :func:`apply_masks`.
-  """
-  def mask_of(path, leaf):
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", None))
-    if name == "kernel":
-      return (jnp.abs(leaf) >= threshold).astype(leaf.dtype)
-    return None
-  masks = jax.tree_util.tree_map_with_path(mask_of, params)
-  return apply_masks(params, masks), masks
-
-
-def apply_masks(params, masks):
-  """Multiplies the kernels by their masks (leaves whose mask is None are unchanged)."""
-  return jax.tree_util.tree_map(lambda p, m: p if m is None else p * m, params, masks,
-                                is_leaf=lambda t: t is None)
-
-
-def _per_example(eps, x):
-  """Broadcasts a scalar or (B,) radius to (B, 1, ..., 1)."""
-  eps = jnp.asarray(eps, dtype=x.dtype)
-  if eps.ndim == 0:
-    return jnp.broadcast_to(eps, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return eps.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-
-
-def _flat_norm(t, norm):
-  """Row-wise ``norm`` of a (B, ...) tensor: (B,)."""
-  t = t.reshape((t.shape[0], -1))
-  if norm == "linf":
-    return jnp.max(jnp.abs(t), axis=-1)
-  if norm == "l1":
-    return jnp.sum(jnp.abs(t), axis=-1)
-  return jnp.sqrt(jnp.sum(jnp.square(t), axis=-1) + _TINY)
-
-
-def _project(x_adv, x, eps, norm, domain):
-  """Projects onto the ball ``||x_adv - x||_norm <= eps`` and into ``domain``."""
-  e = _per_example(eps, x)
-  d = x_adv - x
-  if norm == "linf":
-    d = jnp.clip(d, -e, e)
-  else:  # l2
-    n = _flat_norm(d, "l2").reshape(e.shape)
-    d = d * jnp.minimum(1.0, e / jnp.maximum(n, 1e-12))
-  x_adv = x + d
-  if domain is not None:
-    x_adv = jnp.clip(x_adv, domain[0], domain[1])
-  return x_adv
-
-
-def _random_start(key, x, eps, norm):
-  e = _per_example(eps, x)
-  if norm == "linf":
-    return x + jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * e
-  k1, k2 = jax.random.split(key)
-  g = jax.random.normal(k1, x.shape, x.dtype)
-  g = g / jnp.maximum(_flat_norm(g, "l2"), 1e-12).reshape(e.shape)
-  r = jax.random.uniform(k2, e.shape, x.dtype) ** (1.0 / x[0].size)
-  return x + g * r * e
-
-
-def _attack_objective(logits, labels, loss):
-  """Per-example objective to maximise: CE, or the margin max_{j!=y} f_j - f_y."""
-  if loss == "ce":
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if loss == "margin":
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    true = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-    other = jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
-    return other - true
-  raise ValueError(f"Unknown attack loss {loss!r}; expected 'ce' or 'margin'.")
-
-
-def _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain):
-  """``steps`` of projected (sign / normalised) gradient ascent of sum(objective)."""
-  grad_fn = jax.grad(lambda xa: jnp.sum(objective(xa)))
-
-  def body(_, xa):
-    g = grad_fn(xa)
-    if norm == "linf":
-      xa = xa + step_size * jnp.sign(g)
-    else:
-      n = jnp.maximum(_flat_norm(g, "l2"), 1e-12).reshape((-1,) + (1,) * (x.ndim - 1))
-      xa = xa + step_size * g / n
-    return _project(xa, x, eps, norm, domain)
-
-  return lax.fori_loop(0, steps, body, x0)
-
-
-def _check_attack_norm(norm):
-  norm = canonical_norm(norm)
-  if norm not in ("linf", "l2"):
-    raise ValueError(f"PGD supports norm 'linf' or 'l2'; got {norm!r}.")
-  return norm
-
-
-def pgd_attack(apply_fn: Callable, params, x, y, eps, key, steps: int = 40,
-               step_size: float = 0.01, norm="linf", domain=(0.0, 1.0),
-               restarts: int = 1, loss: str = "ce", random_start: bool = True):
-  """Projected gradient descent (Madry et al. 2018) on the l-inf or l2 ball.
-
-  Each restart starts from a uniform random point of the ball (``random_start``; else
-  from ``x``), takes ``steps`` steps ``x += step_size * sign(grad)`` (l-inf) or
-  ``x += step_size * grad / ||grad||_2`` (l2), each followed by projection onto the
-  ball and clipping to ``domain``. Of all restarts, the point with the largest
-  objective is kept per example. Pure and jit-able (``steps``, ``restarts``, ``norm``,
-  ``loss``, ``domain`` static). The result carries no gradient (stop_gradient).
-
-  Args:
-    apply_fn: ``(params, x) -> logits``.
-    x: (B, ...) inputs; y: (B,) labels; eps: scalar or (B,) radius.
-    key: PRNG key for the random starts.
-    loss: "ce" (cross-entropy) or "margin" (max_{j != y} f_j - f_y; > 0 means a
-      successful attack).
-
-  Returns:
-    (B, ...) adversarial inputs inside the ball and the domain.
-  """
-  norm = _check_attack_norm(norm)
-  _attack_objective(jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32), loss)  # validates
-  x = lax.stop_gradient(x)
-  params = lax.stop_gradient(params)
-  objective = lambda xa: _attack_objective(apply_fn(params, xa), y, loss)
-
-  def one(k):
-    x0 = _random_start(k, x, eps, norm) if random_start else x
-    x0 = _project(x0, x, eps, norm, domain)
-    xa = _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain)
-    return xa, objective(xa)
-
-  keys = jax.random.split(key, max(restarts, 1))
-  best, best_val = one(keys[0])
-  for i in range(1, restarts):
-    xa, val = one(keys[i])
-    better = (val > best_val).reshape((-1,) + (1,) * (x.ndim - 1))
-    best = jnp.where(better, xa, best)
-    best_val = jnp.maximum(val, best_val)
-  return lax.stop_gradient(best)
-
-
-def _kl(logits_p, logits_q):
-  """Per-example KL(softmax p || softmax q)."""
-  lp = jax.nn.log_softmax(logits_p, axis=-1)
-  lq = jax.nn.log_softmax(logits_q, axis=-1)
-  return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-
-
-def trades_attack(apply_fn, params, x, eps, key, steps, step_size, norm="linf",
-                  domain=(0.0, 1.0)):
-  """TRADES' inner maximisation: PGD on KL(p(x) || p(x')) from x + 0.001 N(0, 1)."""
-  norm = _check_attack_norm(norm)
-  x = lax.stop_gradient(x)
-  params = lax.stop_gradient(params)
-  clean = apply_fn(params, x)
-  objective = lambda xa: _kl(clean, apply_fn(params, xa))
-  x0 = _project(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), x, eps, norm, domain)
-  return lax.stop_gradient(_pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain))
-
 
 def _margin_lower_bounds(apply_fn, params, x, y, eps, norm, method, domain, k, **kw):
   from dm_jax import linear  # pylint: disable=import-outside-toplevel
@@ -350,19 +156,6 @@ def _relu_preactivations(apply_fn, params, x):
 
 
 # ----------------------------------------------------------------------------- losses
-
-def _finish(loss, metrics, params, l1, l2):
-  if l1:
-    p = l1_penalty(params)
-    loss = loss + l1 * p
-    metrics["l1_penalty"] = p
-  if l2:
-    p = l2_penalty(params)
-    loss = loss + l2 * p
-    metrics["l2_penalty"] = p
-  metrics["loss"] = loss
-  return loss, metrics
-
 
 def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                prune: bool = False, adv: bool = False, pgd_steps: int = 40,
@@ -441,7 +234,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     raise ValueError("bounded_projections estimates l1 norms (the dual of l-inf): it needs "
                      f"norm='linf', got {norm!r}.")
   if name in ("adv", "trades") or (name == "relu_stability" and adv):
-    _check_attack_norm(norm)
+    check_attack_norm(norm)
   if name == "l1" and not l1:
     l1 = DEFAULT_L1
   if name == "l2" and not l2:
@@ -463,7 +256,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     del hyper, key
     logits = apply_fn(params, x)
     ce = cross_entropy(logits, y)
-    return _finish(ce, dict(ce_clean=ce, robust_loss=ce, acc=accuracy(logits, y)),
+    return add_penalties(ce, dict(ce_clean=ce, robust_loss=ce, acc=accuracy(logits, y)),
                    params, l1, l2)
 
   # -- Madry et al. 2018
@@ -475,7 +268,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     ce_adv = cross_entropy(logits_adv, y)
     metrics = dict(ce_clean=lax.stop_gradient(cross_entropy(logits, y)), robust_loss=ce_adv,
                    acc=accuracy(logits, y), adv_acc=accuracy(logits_adv, y))
-    return _finish(ce_adv, metrics, params, l1, l2)
+    return add_penalties(ce_adv, metrics, params, l1, l2)
 
   # -- Zhang et al. 2019
   def trades_loss(params, apply_fn, x, y, hyper, key):
@@ -485,10 +278,10 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     logits = apply_fn(params, x)
     logits_adv = apply_fn(params, x_adv)
     ce = cross_entropy(logits, y)
-    kl = jnp.mean(_kl(logits, logits_adv))
+    kl = jnp.mean(softmax_kl(logits, logits_adv))
     metrics = dict(ce_clean=ce, robust_loss=kl, kl=kl, acc=accuracy(logits, y),
                    adv_acc=accuracy(logits_adv, y))
-    return _finish(ce + trades_beta * kl, metrics, params, l1, l2)
+    return add_penalties(ce + trades_beta * kl, metrics, params, l1, l2)
 
   # -- Gowal et al. 2018
   def ibp_loss(params, apply_fn, x, y, hyper, key):
@@ -509,7 +302,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     loss = hyper.kappa * ce + (1 - hyper.kappa) * robust
     metrics = dict(ce_clean=ce, robust_loss=robust, acc=accuracy(logits, y),
                    ibp_cert_acc=cert)
-    return _finish(loss, metrics, params, l1, l2)
+    return add_penalties(loss, metrics, params, l1, l2)
 
   # -- linear bounds: CROWN-IBP (Zhang et al. 2020) and Fast-Lin / convex outer bound
   def linear_loss(lin_method):
@@ -539,7 +332,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
       metrics.update(ce_clean=ce, robust_loss=robust, acc=accuracy(logits, y))
       # With projections lb is an estimate: not a certificate, so named apart.
       metrics["estimated_cert_acc" if projected else "cert_acc"] = margin_certified(lb, y)
-      return _finish(loss, metrics, params, l1, l2)
+      return add_penalties(loss, metrics, params, l1, l2)
     return loss_fn
 
   # -- Xiao et al. 2019
@@ -565,7 +358,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                    unstable_share=unstable / max(n_units * x.shape[0], 1),
                    ibp_cert_acc=margin_certified(
                        jnp.take_along_axis(out.lower, y[:, None], axis=-1) - out.upper, y))
-    return _finish(base + hyper.lam * rs, metrics, params, l1, l2)
+    return add_penalties(base + hyper.lam * rs, metrics, params, l1, l2)
 
   # -- Croce et al. 2019 (MMR)
   q = dual_norm(norm) if norm in ("linf", "l2", "l1") else None
@@ -593,7 +386,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
       idx = lax.top_k(jax.random.uniform(key, (bsz, n_all)), n_s)[1].T  # (S, B)
       cots = jax.nn.one_hot(idx, n_all, dtype=pre.dtype)        # (S, B, U)
       grads = jax.vmap(lambda c: vjp_pre(c)[0])(cots)           # (S, B, ...)
-      gnorm = jax.vmap(lambda g: _flat_norm(g, q))(grads)       # (S, B)
+      gnorm = jax.vmap(lambda g: flat_norm(g, q))(grads)       # (S, B)
       vals = jnp.take_along_axis(pre, idx.T, axis=1).T          # (S, B)
       d_b = jnp.abs(vals) / jnp.maximum(gnorm, 1e-12)
       # dead units (zero gradient) are no boundary in the region: infinite distance
@@ -612,7 +405,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     onehot_y = jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
     cots = onehot_y[None] - jnp.eye(num_classes, dtype=logits.dtype)[:, None, :]  # (K,B,K)
     grads = jax.vmap(lambda c: vjp_f(c)[0])(cots)
-    gnorm = jax.vmap(lambda g: _flat_norm(g, q))(grads).T       # (B, K)
+    gnorm = jax.vmap(lambda g: flat_norm(g, q))(grads).T       # (B, K)
     diff = jnp.take_along_axis(logits, y[:, None], axis=-1) - logits
     d_d = diff / jnp.maximum(gnorm, 1e-12)
     # j = y, or a margin constant in the region (zero gradient): no boundary to reach.
@@ -625,7 +418,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     metrics = dict(ce_clean=ce, robust_loss=reg, acc=accuracy(logits, y), mmr_b=reg_b,
                    mmr_d=reg_d, min_dist_boundary=jnp.mean(jnp.min(d_b, axis=-1)),
                    min_dist_decision=jnp.mean(jnp.min(d_d, axis=-1)))
-    return _finish(ce + hyper.lam * reg, metrics, params, l1, l2)
+    return add_penalties(ce + hyper.lam * reg, metrics, params, l1, l2)
 
   # -- Double Margin
   variant = {"dm": "dm", "dm_s_only": "s_only", "dm_ibp_v": "ibp_v"}.get(name)
@@ -646,7 +439,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                    dm_cert_acc=margin_certified(
                        jnp.take_along_axis(m.lower, y[:, None], axis=-1) - m.upper, y),
                    mean_s=jnp.mean(m.s), mean_v=jnp.mean(m.v))
-    return _finish(loss, metrics, params, l1, l2)
+    return add_penalties(loss, metrics, params, l1, l2)
 
   table = {
       "normal": (normal_loss, "Normal training: CE(f(x), y)."),

@@ -1,0 +1,80 @@
+"""Weight penalties and magnitude pruning (Xiao et al. 2019) of the training methods.
+
+Weight matrices are the pytree leaves named ``kernel``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _kernels(params):
+  """The leaves of ``params`` whose last path key is ``kernel``."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = []
+  for path, leaf in leaves:
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    if name == "kernel":
+      out.append(leaf)
+  return out
+
+
+def l1_penalty(params) -> jax.Array:
+  """sum over layers of ||W||_{op,inf}: the max over output units of the l1 norm of the
+  unit's weights. Dense kernel (in, out): l1 over ``in``; conv kernel (h, w, in, out):
+  l1 over h, w, in (the weights of one output channel)."""
+  total = jnp.zeros((), jnp.float32)
+  for k in _kernels(params):
+    k2 = jnp.abs(k).reshape((-1, k.shape[-1]))
+    total = total + jnp.max(jnp.sum(k2, axis=0))
+  return total
+
+
+def l2_penalty(params) -> jax.Array:
+  """sum over layers of the squared Frobenius norm of the kernel."""
+  total = jnp.zeros((), jnp.float32)
+  for k in _kernels(params):
+    total = total + jnp.sum(jnp.square(k))
+  return total
+
+
+def prune_small_weights(params, threshold: float = 1e-3):
+  """Magnitude pruning (Xiao et al. 2019): zero every kernel weight with |w| < threshold.
+
+  Returns:
+    ``(pruned_params, masks)``; ``masks`` has the structure of ``params`` with a 0/1
+    array of the kernel's shape for kernels and ``None`` elsewhere (biases are kept).
+    Keep the pruned weights at zero while fine-tuning with :func:`apply_masks`.
+  """
+  def mask_of(path, leaf):
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    if name == "kernel":
+      return (jnp.abs(leaf) >= threshold).astype(leaf.dtype)
+    return None
+  masks = jax.tree_util.tree_map_with_path(mask_of, params)
+  return apply_masks(params, masks), masks
+
+
+def apply_masks(params, masks):
+  """Multiplies the kernels by their masks (leaves whose mask is None are unchanged)."""
+  return jax.tree_util.tree_map(lambda p, m: p if m is None else p * m, params, masks,
+                                is_leaf=lambda t: t is None)
+
+
+
+def add_penalties(loss, metrics, params, l1, l2):
+  """``loss + l1 * l1_penalty + l2 * l2_penalty`` (zero weights skipped); ``metrics`` gains
+  the penalties and ``loss``."""
+  if l1:
+    p = l1_penalty(params)
+    loss = loss + l1 * p
+    metrics["l1_penalty"] = p
+  if l2:
+    p = l2_penalty(params)
+    loss = loss + l2 * p
+    metrics["l2_penalty"] = p
+  metrics["loss"] = loss
+  return loss, metrics
+
