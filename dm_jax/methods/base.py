@@ -1,4 +1,4 @@
-"""Training methods (losses and regularizers) of the DoubleMargin paper and its baselines.
+"""The training-method registry: the loss signature, the shared losses and ``get_method``.
 
 Every method is a pure, jit-able loss
 
@@ -9,54 +9,45 @@ batch in [0, 1], ``y`` (B,) integer labels, ``hyper`` a :class:`Hyper` of per-st
 scalars (training radius ``eps``, regularizer weight ``lam``, clean-loss weight
 ``kappa``; traced under jit and produced by the schedules of ``dm_jax.train``) and
 ``key`` a PRNG key (the only source of randomness). ``metrics`` is a dict of scalars with
-at least ``ce_clean``, ``robust_loss`` and ``acc``.
+at least ``ce_clean``, ``robust_loss``, ``acc`` and ``loss``.
 
-Methods (``get_method(name, ...)``, see SPEC.md "Double Margin" and "Baselines"):
-
-=================  =========================================================================
-normal             CE(f(x), y)
-l1                 CE + l1 * sum_layers ||W||_{op,inf}  (max row l1 norm; default 2e-5)
-l2                 CE + l2 * sum_layers ||W||_F^2       (default 1e-4, a choice)
-adv                CE(f(x_pgd), y)                       Madry et al. 2018
-trades             CE(f(x), y) + beta KL(p(x) || p(x'))  Zhang et al. 2019
-ibp                kappa CE(f(x)) + (1 - kappa) CE(z_hat) Gowal et al. 2018
-crown_ibp          kappa CE(f(x)) + (1 - kappa) CE(-lb)   Zhang et al. 2020
-relu_stability     CE + lam RS (+ l1, + pruning, + PGD)   Xiao et al. 2019
-bounded            kappa CE(f(x)) + (1 - kappa) CE(-lb_fastlin)  Wong & Kolter 2018
-mmr                CE + lam (hinge on region / decision boundary distances)  Croce et al. 2019
-dm, dm_s_only,     (1 - lam) CE(z) + lam CE_split(z + s + v, z - s - v)       DoubleMargin
-dm_ibp_v           (Algorithm 1; ``lam_form="kappa"``: kappa CE(z) + (1 - kappa) CE_split)
-=================  =========================================================================
-
-The ``l1=`` / ``l2=`` options add the weight penalties to ANY method ("DM + L1",
-"L1+RS+Pruning"). Weight matrices are the pytree leaves named ``kernel``.
-
-The linear-bound methods (``crown_ibp``, ``bounded`` and ``ibp`` with ``ibp_margin=True``)
-use :func:`dm_jax.linear.margin_lower_bounds`, imported lazily when the loss is traced.
+Each method is registered once, by the module of its family, with a :class:`MethodSpec`:
+how to build its loss from the options, its description, the options it reads, whether
+its loss is kappa-mixed, its default final lambda and its aliases. Nothing outside this
+package branches on a method's name: the trainer and the experiments ask
+:func:`canonical_name`, :func:`default_lam_final` and :func:`kappa_form`, and
+:func:`get_method` validates the options in one place.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+import inspect
+import types
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
-from dm_jax.double_margin import double_margin, split_cross_entropy
-from dm_jax.input_sets import canonical_norm, dual_norm
-from dm_jax.interval import interval_bounds
-from dm_jax.methods.attacks import (check_attack_norm, flat_norm, pgd_attack, softmax_kl,
-                                    trades_attack)
+from dm_jax.input_sets import canonical_norm
 from dm_jax.methods.penalties import add_penalties
 
-METHODS = ("normal", "l1", "l2", "adv", "trades", "ibp", "crown_ibp", "relu_stability",
-           "bounded", "mmr", "dm", "dm_s_only", "dm_ibp_v")
+# ``loss(params, apply_fn, x, y, hyper, key) -> (scalar, metrics)``.
+LossFn = Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
+# A method's view of its options: name -> resolved value (read-only).
+Options = Mapping[str, Any]
 
-DEFAULT_L1 = 2e-5   # SPEC.md (SingleProp): 2e-5 * sum_i ||W_i||_{op,inf}
-DEFAULT_L2 = 1e-4   # (choice) the paper gives none
+LAM_FORMS = ("paper", "kappa")
+DEFAULT_LAM_FINAL = 1.0     # methods other than Double Margin: their loss says what lam is
+KAPPA_FORM_LAM_FINAL = 0.5  # lam_form="kappa" (SingleProp): lambda = 1 - kappa, 1 -> 0.5
 
+# Options every method accepts: the threat model (norm, k, domain), the weight penalties,
+# pruning, and the objective form (which also sets every method's default final lambda).
+COMMON_OPTIONS = ("norm", "l1", "l2", "prune", "lam_form", "domain", "k")
+# Cost settings of an inner solver (PGD; MMR's sampling of ReLU units). A method without
+# that solver ignores them, so one speed setting can serve a sweep over methods.
+SOLVER_OPTIONS = ("pgd_steps", "pgd_step_size", "pgd_random_start", "mmr_units",
+                  "mmr_k_b")
 
 
 # ----------------------------------------------------------------------------- types
@@ -85,10 +76,10 @@ class Hyper:
 
 
 class Method(NamedTuple):
-  """A training method.
+  """A training method, built by :func:`get_method`.
 
   Attributes:
-    name: one of :data:`METHODS`.
+    name: the registered name (an alias resolves to its method's name).
     loss: ``loss(params, apply_fn, x, y, hyper, key) -> (scalar, metrics dict)``.
     description: the formula and the paper it comes from.
     needs_ensemble: whether the model must be an ensemble (no method requires one;
@@ -105,59 +96,188 @@ class Method(NamedTuple):
   options: Optional[Dict[str, Any]] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """A training method as the registry knows it (what the trainer and experiments need).
+
+  Attributes:
+    name: the registered name (``get_method(name)``, ``TrainConfig.method``).
+    build: ``build(options) -> loss``. ``options`` is a read-only mapping holding the
+      :data:`COMMON_OPTIONS` and this method's ``options``, validated and resolved
+      (``norm`` canonical, ``domain`` a float pair or None, penalties with their
+      defaults). The loss returns the method's objective *without* the weight penalties
+      and metrics with at least ``ce_clean``, ``robust_loss`` and ``acc``; the registry
+      adds the ``l1``/``l2`` penalties and the ``loss`` metric. A loss without a
+      docstring is documented by its description.
+    describe: ``describe(options) -> str``: the formula and the paper it comes from.
+    options: the options beyond :data:`COMMON_OPTIONS` that the method reads
+      (``get_method`` keywords, or its own ``extra_options``). Any other option given a
+      non-default value is a ValueError, except the :data:`SOLVER_OPTIONS` (ignored).
+    extra_options: options of the method's own that ``get_method`` does not name, with
+      their defaults (give them to ``get_method`` or in ``TrainConfig.method_kwargs``).
+    validate: optional ``validate(options) -> dict``: raises ValueError for a bad value
+      of the method's options; returns the values it normalises (e.g. an int).
+    kappa_lam_forms: the ``lam_form`` values under which the loss is
+      ``kappa CE(clean) + (1 - kappa) robust`` (so ``kappa_mode='ada'`` applies).
+    lam_final: the default final lambda in the paper form (:func:`default_lam_final`).
+    penalty_defaults: weight penalties the method *is* (``{"l1": 2e-5}`` for ``l1``): the
+      option 0 means this default, and the description names the penalty already.
+    aliases: other names of the method, each with the fields it overrides, e.g.
+      ``{"dm*": {"lam_final": 1.0}}`` ("Double Margin *": dm with final lambda 1).
+  """
+  name: str
+  build: Callable[[Options], LossFn]
+  describe: Callable[[Options], str]
+  options: Tuple[str, ...] = ()
+  extra_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  validate: Optional[Callable[[Options], Optional[Dict[str, Any]]]] = None
+  kappa_lam_forms: Tuple[str, ...] = ()
+  lam_final: float = DEFAULT_LAM_FINAL
+  penalty_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  aliases: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- registry
+
+_SPECS: Dict[str, MethodSpec] = {}      # registration order is the order of names()
+_ALIASES: Dict[str, str] = {}           # alias -> registered name
+
+
+def register(method: MethodSpec) -> MethodSpec:
+  """Adds ``method`` (and its aliases) to the registry; returns it.
+
+  Raises:
+    ValueError: a name or alias already taken, or an extra option that ``get_method``
+      names already or another method declares with another default.
+  """
+  for n in (method.name,) + tuple(method.aliases):
+    if n in _SPECS or n in _ALIASES:
+      raise ValueError(f"a training method named {n!r} is registered already.")
+  for option, default in method.extra_options.items():
+    if option in _KEYWORD_DEFAULTS:
+      raise ValueError(f"{method.name}: extra option {option!r} is a get_method keyword.")
+    other = _extra_option_defaults().get(option, default)
+    if other != default:
+      raise ValueError(f"{method.name}: extra option {option!r} has default {other!r} "
+                       f"in another method, {default!r} here.")
+  for option in method.options:
+    if option not in _KEYWORD_DEFAULTS and option not in method.extra_options:
+      raise ValueError(f"{method.name}: option {option!r} is neither a get_method keyword "
+                       "nor one of its extra_options.")
+  _SPECS[method.name] = method
+  _ALIASES.update((a, method.name) for a in method.aliases)
+  return method
+
+
+def unregister(name: str) -> None:
+  """Removes the method ``name`` and its aliases (for tests and interactive use)."""
+  method = _SPECS.pop(name)
+  for a in method.aliases:
+    del _ALIASES[a]
+
+
+def names(aliases: bool = False) -> Tuple[str, ...]:
+  """The registered methods in registration order (then their aliases if ``aliases``)."""
+  return tuple(_SPECS) + (tuple(_ALIASES) if aliases else ())
+
+
+def canonical_name(name: str) -> str:
+  """The registered method an alias stands for (``dm*`` -> ``dm``); other names as given."""
+  return _ALIASES.get(name, name)
+
+
+def _find(name: str) -> Optional[MethodSpec]:
+  """The spec of ``name`` (an alias: its method's, with the alias's overrides) or None."""
+  target = canonical_name(name)
+  method = _SPECS.get(target)
+  if method is None or target == name:
+    return method
+  return dataclasses.replace(method, **method.aliases[name])
+
+
+def spec(name: str) -> MethodSpec:
+  """The :class:`MethodSpec` of a registered method or alias.
+
+  Raises:
+    ValueError: an unknown name (the message lists the registered ones).
+  """
+  found = _find(name)
+  if found is None:
+    alias_list = f" (or the aliases {', '.join(_ALIASES)})" if _ALIASES else ""
+    raise ValueError(f"Unknown method {name!r}; expected one of {', '.join(_SPECS)}"
+                     f"{alias_list}.")
+  return found
+
+
+def default_lam_final(name: str, lam_form: str = "paper") -> float:
+  """The final lambda of method ``name`` when none is given.
+
+  Paper form: the method's ``lam_final`` (Double Margin 2, "Double Margin *" 1, others
+  1; an unregistered name 1). ``lam_form="kappa"`` (SingleProp, lambda = 1 - kappa): 0.5.
+  """
+  if lam_form != "paper":
+    return KAPPA_FORM_LAM_FINAL
+  found = _find(name)
+  return found.lam_final if found is not None else DEFAULT_LAM_FINAL
+
+
+def kappa_form(name: str, lam_form: str) -> bool:
+  """Whether the loss of ``name`` is ``kappa CE(clean) + (1 - kappa) robust`` under
+  ``lam_form`` (so ``kappa_mode='ada'`` applies); False for an unregistered name."""
+  found = _find(name)
+  return found is not None and lam_form in found.kappa_lam_forms
+
+
+def kappa_form_summary() -> str:
+  """The kappa-mixed methods, for messages: ``"ibp, ..., dm (lam_form='kappa'), ..."``."""
+  out = []
+  for method in _SPECS.values():
+    forms = method.kappa_lam_forms
+    if forms:
+      only = set(forms) != set(LAM_FORMS)
+      out.append(method.name + (f" (lam_form={'/'.join(map(repr, forms))})" if only else ""))
+  return ", ".join(out)
+
+
 # ----------------------------------------------------------------------------- helpers
 
-def cross_entropy(logits, labels) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels."""
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of (B, K) logits with (B,) integer labels: a scalar."""
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def accuracy(logits, labels) -> jax.Array:
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Share of the (B, K) logits whose argmax is the (B,) label: a scalar."""
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
-def worst_case_logits(lower, upper, labels) -> jax.Array:
-  """Gowal et al.'s z_hat: lower bound for the true class, upper bound for the others."""
+def worst_case_logits(lower: jax.Array, upper: jax.Array, labels: jax.Array) -> jax.Array:
+  """Gowal et al.'s z_hat (B, K): the lower bound for the true class, upper for others."""
   onehot = jax.nn.one_hot(labels, lower.shape[-1], dtype=bool)
   return jnp.where(onehot, lower, upper)
 
 
-def margin_certified(lb, labels) -> jax.Array:
-  """Share of examples whose margin lower bounds are > 0 for all j != y."""
+def margin_certified(lb: jax.Array, labels: jax.Array) -> jax.Array:
+  """Share of examples whose (B, K) margin lower bounds are > 0 for all j != y."""
   onehot = jax.nn.one_hot(labels, lb.shape[-1], dtype=bool)
   return jnp.mean(jnp.all(jnp.where(onehot, True, lb > 0), axis=-1).astype(jnp.float32))
 
 
+def interval_margins(lower: jax.Array, upper: jax.Array, labels: jax.Array) -> jax.Array:
+  """Margin lower bounds ``lower_y - upper_j`` (B, K) from (B, K) logit bounds."""
+  return jnp.take_along_axis(lower, labels[:, None], axis=-1) - upper
 
-def _margin_lower_bounds(apply_fn, params, x, y, eps, norm, method, domain, k, **kw):
+
+def margin_lower_bounds(apply_fn, params, x, y, eps, norm, method, domain, k, **kw):
+  """:func:`dm_jax.linear.margin_lower_bounds` (B, K), imported when the loss is traced."""
   from dm_jax import linear  # pylint: disable=import-outside-toplevel
   return linear.margin_lower_bounds(apply_fn, params, x, y, eps, norm, method=method,
                                     domain=domain, k=k, **kw)
 
 
-def _relu_stability(relu_bounds) -> jax.Array:
-  """RS = mean over the batch of -sum_i tanh(1 + u_i * l_i) over every ReLU input."""
-  total = 0.0
-  for b in relu_bounds:
-    t = -jnp.tanh(1.0 + b.upper * b.lower)
-    total = total + jnp.sum(t.reshape((t.shape[0], -1)), axis=-1)
-  return jnp.mean(total) if relu_bounds else jnp.zeros(())
+# ----------------------------------------------------------------------------- get_method
 
-
-def _relu_preactivations(apply_fn, params, x):
-  """Every ReLU input at x, flattened and concatenated: (B, U).
-
-  Interval bounds with eps = 0 carry the exact values (lower == upper == value).
-  """
-  _, relus = interval_bounds(apply_fn, params, x, 0.0, "linf", return_relu_inputs=True)
-  if not relus:
-    return jnp.zeros((x.shape[0], 0), x.dtype)
-  return jnp.concatenate([b.lower.reshape((x.shape[0], -1)) for b in relus], axis=-1)
-
-
-# ----------------------------------------------------------------------------- losses
-
-def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
+def get_method(name: str, *, norm: str = "linf", l1: float = 0.0, l2: float = 0.0,
                prune: bool = False, adv: bool = False, pgd_steps: int = 40,
                pgd_step_size: float = 0.01, pgd_random_start: bool = True,
                trades_beta: float = 6.0, lam_form: str = "paper",
@@ -166,11 +286,16 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
                crown_ibp_beta: Union[float, str] = 1.0, dm_domain: bool = False,
                mmr_units: int = 128, mmr_k_b: int = 64, mmr_k_d: Optional[int] = None,
                mmr_gamma_factor: float = 1.5, mmr_lam_d: float = 1.0,
-               bounded_projections: int = 0) -> Method:
-  """Builds a training :class:`Method` by name.
+               bounded_projections: int = 0, **extra_options: Any) -> Method:
+  """Builds a registered training :class:`Method` by name.
+
+  Options shared by every method: ``norm``, ``l1``, ``l2``, ``prune``, ``lam_form``,
+  ``domain``, ``k``. The others belong to the methods that read them; one given a
+  non-default value to another method is a ValueError (the PGD and MMR-sampling cost
+  settings in :data:`SOLVER_OPTIONS` excepted: they are ignored there).
 
   Args:
-    name: one of :data:`METHODS`.
+    name: one of :data:`METHODS`, or an alias (``dm*``).
     norm: threat model of the bounds and attacks ("linf", "l2", "l1", "l0"; PGD-based
       parts support "linf" and "l2").
     l1: weight of the l1 (max row l1 norm) penalty added to any method. For
@@ -182,9 +307,10 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
     adv: relu_stability only: replace the clean CE by the PGD CE ("Adv+RS").
     pgd_steps, pgd_step_size, pgd_random_start: PGD for adv, trades, relu_stability+adv.
     trades_beta: TRADES' beta.
-    lam_form: dm only: "paper" ((1 - lam) CE + lam CE_split, Algorithm 1, weight
-      ``hyper.lam``) or "kappa" (kappa CE + (1 - kappa) CE_split, SingleProp form,
-      weight ``hyper.kappa``).
+    lam_form: "paper" or "kappa". Double Margin's objective: "paper" ((1 - lam) CE + lam
+      CE_split, Algorithm 1, weight ``hyper.lam``) or "kappa" (kappa CE + (1 - kappa)
+      CE_split, SingleProp form, weight ``hyper.kappa``); for every method "kappa" makes
+      the default final lambda 0.5 (:func:`default_lam_final`).
     domain: the data box (lo, hi) or None. Clips PGD, and intersects the input set of
       the sound bounds (ibp, crown_ibp, bounded, relu_stability) -- tighter and sound
       for images. Double Margin uses the plain ball as in the paper unless
@@ -196,7 +322,7 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
       ``lb = beta lb_crown_ibp + (1 - beta) lb_ibp``. A float (1 = pure CROWN-IBP, the
       default) or the string "lam" to use ``hyper.lam`` as beta (so the trainer can
       ramp it from 1 to 0 as Zhang et al. do).
-    dm_domain: dm*: intersect the DM start interval with ``domain``.
+    dm_domain: Double Margin only: intersect the DM start interval with ``domain``.
     mmr_units: mmr: number of distinct ReLU units sampled per example (uniformly
       without replacement, fresh each step) whose region-boundary distance
       |z_i| / ||grad_x z_i||_q is computed; each costs one backward pass (memory about
@@ -211,289 +337,79 @@ def get_method(name: str, *, norm="linf", l1: float = 0.0, l2: float = 0.0,
       Cauchy projections (Wong et al. 2018; the paper's baseline uses 50): k + 1
       forward passes, l-inf and ReLU networks only. The final margin bounds are then
       computed exactly from the estimated intermediate bounds.
+    **extra_options: options of a method's own (``MethodSpec.extra_options``).
+
+  Returns:
+    The :class:`Method`: its loss, description, pruning flag and resolved options.
 
   Raises:
-    ValueError: unknown name or option.
+    ValueError: unknown name or option, an option the method does not read given a
+      non-default value, or a bad option value.
   """
-  if name not in METHODS:
-    raise ValueError(f"Unknown method {name!r}; expected one of {', '.join(METHODS)}.")
-  norm = canonical_norm(norm)
-  if lam_form not in ("paper", "kappa"):
-    raise ValueError(f"lam_form must be 'paper' or 'kappa'; got {lam_form!r}.")
-  if not (isinstance(crown_ibp_beta, str) and crown_ibp_beta == "lam"
-          or isinstance(crown_ibp_beta, (int, float))):
-    raise ValueError(f"crown_ibp_beta must be a float or 'lam'; got {crown_ibp_beta!r}.")
-  if domain is not None:
-    domain = (float(domain[0]), float(domain[1]))
-  if isinstance(bounded_projections, bool) or int(bounded_projections) != bounded_projections \
-      or bounded_projections < 0:
-    raise ValueError(f"bounded_projections must be an integer >= 0; got "
-                     f"{bounded_projections!r}.")
-  bounded_projections = int(bounded_projections)
-  if bounded_projections and norm != "linf":
-    raise ValueError("bounded_projections estimates l1 norms (the dual of l-inf): it needs "
-                     f"norm='linf', got {norm!r}.")
-  if name in ("adv", "trades") or (name == "relu_stability" and adv):
-    check_attack_norm(norm)
-  if name == "l1" and not l1:
-    l1 = DEFAULT_L1
-  if name == "l2" and not l2:
-    l2 = DEFAULT_L2
-  l1, l2 = float(l1), float(l2)
-  options = dict(norm=norm, l1=l1, l2=l2, prune=prune, adv=adv, pgd_steps=pgd_steps,
-                 pgd_step_size=pgd_step_size, pgd_random_start=pgd_random_start,
-                 trades_beta=trades_beta, lam_form=lam_form, domain=domain, k=k,
-                 ibp_margin=ibp_margin, crown_ibp_beta=crown_ibp_beta, dm_domain=dm_domain,
-                 mmr_units=mmr_units, mmr_k_b=mmr_k_b, mmr_k_d=mmr_k_d,
-                 mmr_gamma_factor=mmr_gamma_factor, mmr_lam_d=mmr_lam_d,
-                 bounded_projections=bounded_projections)
-  pgd = dict(steps=pgd_steps, step_size=pgd_step_size, norm=norm, domain=domain,
-             random_start=pgd_random_start)
+  options = dict(locals())
+  del options["name"]
+  options.update(options.pop("extra_options"))
+  method = spec(name)
+  _check_options(method, options)
+  options = {**method.extra_options, **options, **_resolve_common(method, options)}
+  view = types.MappingProxyType(
+      {o: options[o] for o in COMMON_OPTIONS + tuple(method.options)})
+  if method.validate is not None:
+    options.update(method.validate(view) or {})
+    view = types.MappingProxyType({o: options[o] for o in view})
+  description = method.describe(view)
+  loss_fn = _with_penalties(method.build(view), options, description)
+  for penalty in ("l1", "l2"):
+    if options[penalty] and penalty not in method.penalty_defaults:
+      description += f" Plus {options[penalty]:g} * {penalty} penalty."
+  return Method(name=method.name, loss=loss_fn, description=description,
+                needs_ensemble=False, prune=bool(options["prune"]), options=options)
 
-  # -- plain and weight-penalised training
-  def normal_loss(params, apply_fn, x, y, hyper, key):
-    """CE(f(x), y) (+ l1 / l2 weight penalties)."""
-    del hyper, key
-    logits = apply_fn(params, x)
-    ce = cross_entropy(logits, y)
-    return add_penalties(ce, dict(ce_clean=ce, robust_loss=ce, acc=accuracy(logits, y)),
-                   params, l1, l2)
 
-  # -- Madry et al. 2018
-  def adv_loss(params, apply_fn, x, y, hyper, key):
-    """CE(f(x_adv), y), x_adv = PGD with random start on the eps ball, in the domain."""
-    x_adv = pgd_attack(apply_fn, params, x, y, hyper.eps, key, **pgd)
-    logits = apply_fn(params, x)
-    logits_adv = apply_fn(params, x_adv)
-    ce_adv = cross_entropy(logits_adv, y)
-    metrics = dict(ce_clean=lax.stop_gradient(cross_entropy(logits, y)), robust_loss=ce_adv,
-                   acc=accuracy(logits, y), adv_acc=accuracy(logits_adv, y))
-    return add_penalties(ce_adv, metrics, params, l1, l2)
+# get_method's keyword options and their defaults.
+_KEYWORD_DEFAULTS = {p.name: p.default for p in inspect.signature(get_method).parameters
+                     .values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
-  # -- Zhang et al. 2019
-  def trades_loss(params, apply_fn, x, y, hyper, key):
-    """CE(f(x), y) + beta mean KL(softmax f(x) || softmax f(x')), x' = PGD on the KL."""
-    x_adv = trades_attack(apply_fn, params, x, hyper.eps, key, pgd_steps, pgd_step_size,
-                          norm, domain)
-    logits = apply_fn(params, x)
-    logits_adv = apply_fn(params, x_adv)
-    ce = cross_entropy(logits, y)
-    kl = jnp.mean(softmax_kl(logits, logits_adv))
-    metrics = dict(ce_clean=ce, robust_loss=kl, kl=kl, acc=accuracy(logits, y),
-                   adv_acc=accuracy(logits_adv, y))
-    return add_penalties(ce + trades_beta * kl, metrics, params, l1, l2)
 
-  # -- Gowal et al. 2018
-  def ibp_loss(params, apply_fn, x, y, hyper, key):
-    """kappa CE(f(x)) + (1 - kappa) CE(z_hat), z_hat the IBP worst-case logits."""
-    del key
-    logits = apply_fn(params, x)
-    ce = cross_entropy(logits, y)
-    if ibp_margin:
-      lb = _margin_lower_bounds(apply_fn, params, x, y, hyper.eps, norm, "ibp", domain, k)
-      robust = cross_entropy(-lb, y)
-      cert = margin_certified(lb, y)
-    else:
-      b = interval_bounds(apply_fn, params, x, hyper.eps, norm, k=k, domain=domain)
-      zhat = worst_case_logits(b.lower, b.upper, y)
-      robust = cross_entropy(zhat, y)
-      cert = margin_certified(
-          jnp.take_along_axis(b.lower, y[:, None], axis=-1) - b.upper, y)
-    loss = hyper.kappa * ce + (1 - hyper.kappa) * robust
-    metrics = dict(ce_clean=ce, robust_loss=robust, acc=accuracy(logits, y),
-                   ibp_cert_acc=cert)
-    return add_penalties(loss, metrics, params, l1, l2)
+def _extra_option_defaults() -> Dict[str, Any]:
+  return {o: d for m in _SPECS.values() for o, d in m.extra_options.items()}
 
-  # -- linear bounds: CROWN-IBP (Zhang et al. 2020) and Fast-Lin / convex outer bound
-  def linear_loss(lin_method):
-    projected = lin_method == "fastlin" and bounded_projections > 0
-    extra = (dict(intermediate="projections", num_projections=bounded_projections)
-             if projected else {})
 
-    def loss_fn(params, apply_fn, x, y, hyper, key):
-      logits = apply_fn(params, x)
-      ce = cross_entropy(logits, y)
-      # Under grad, blocking the batch (linear.default_batch_block) made the CROWN-IBP
-      # step no faster (measured, docs/benchmarks.md); Fast-Lin's step it makes 2.5x faster.
-      block = dict(batch_block=0) if lin_method == "crown_ibp" else {}
-      lb = _margin_lower_bounds(apply_fn, params, x, y, hyper.eps, norm, lin_method,
-                                domain, k, **(dict(extra, key=key) if projected else {}),
-                                **block)
-      metrics = {}
-      if lin_method == "crown_ibp" and crown_ibp_beta != 1.0:
-        beta = hyper.lam if crown_ibp_beta == "lam" else crown_ibp_beta
-        lb_ibp = _margin_lower_bounds(apply_fn, params, x, y, hyper.eps, norm, "ibp",
-                                      domain, k)
-        metrics["ibp_cert_acc"] = margin_certified(lb_ibp, y)
-        metrics["crown_ibp_cert_acc"] = margin_certified(lb, y)
-        lb = beta * lb + (1 - beta) * lb_ibp
-      robust = cross_entropy(-lb, y)
-      loss = hyper.kappa * ce + (1 - hyper.kappa) * robust
-      metrics.update(ce_clean=ce, robust_loss=robust, acc=accuracy(logits, y))
-      # With projections lb is an estimate: not a certificate, so named apart.
-      metrics["estimated_cert_acc" if projected else "cert_acc"] = margin_certified(lb, y)
-      return add_penalties(loss, metrics, params, l1, l2)
-    return loss_fn
+def _check_options(method: MethodSpec, options: Dict[str, Any]) -> None:
+  """ValueError for an option ``method`` does not read that is not at its default."""
+  defaults = {**_KEYWORD_DEFAULTS, **_extra_option_defaults()}
+  read = set(COMMON_OPTIONS) | set(SOLVER_OPTIONS) | set(method.options)
+  for option, value in options.items():
+    if option in read:
+      continue
+    if option not in defaults:
+      raise ValueError(f"Unknown option {option!r} for method {method.name!r}; the options "
+                       f"are {', '.join(defaults)}.")
+    if value is not defaults[option] and value != defaults[option]:
+      readers = [m.name for m in _SPECS.values() if option in m.options]
+      raise ValueError(f"Method {method.name!r} does not read the option "
+                       f"{option}={value!r}; it is read by {', '.join(readers)}.")
 
-  # -- Xiao et al. 2019
-  def rs_loss(params, apply_fn, x, y, hyper, key):
-    """CE (or PGD CE) + lam RS, RS = mean_batch -sum tanh(1 + u l) over ReLU inputs."""
-    logits = apply_fn(params, x)
-    ce = cross_entropy(logits, y)
-    metrics = dict(ce_clean=ce, acc=accuracy(logits, y))
-    if adv:
-      x_adv = pgd_attack(apply_fn, params, x, y, hyper.eps, key, **pgd)
-      logits_adv = apply_fn(params, x_adv)
-      base = cross_entropy(logits_adv, y)
-      metrics["adv_acc"] = accuracy(logits_adv, y)
-      metrics["ce_clean"] = lax.stop_gradient(ce)
-    else:
-      base = ce
-    out, relus = interval_bounds(apply_fn, params, x, hyper.eps, norm, k=k, domain=domain,
-                                 return_relu_inputs=True)
-    rs = _relu_stability(relus)
-    n_units = sum(b.lower[0].size for b in relus)
-    unstable = sum(jnp.sum((b.lower < 0) & (b.upper > 0)) for b in relus) if relus else 0
-    metrics.update(robust_loss=base, rs=rs,
-                   unstable_share=unstable / max(n_units * x.shape[0], 1),
-                   ibp_cert_acc=margin_certified(
-                       jnp.take_along_axis(out.lower, y[:, None], axis=-1) - out.upper, y))
-    return add_penalties(base + hyper.lam * rs, metrics, params, l1, l2)
 
-  # -- Croce et al. 2019 (MMR)
-  q = dual_norm(norm) if norm in ("linf", "l2", "l1") else None
+def _resolve_common(method: MethodSpec, options: Dict[str, Any]) -> Dict[str, Any]:
+  """The validated, normalised :data:`COMMON_OPTIONS` (penalty defaults filled in)."""
+  if options["lam_form"] not in LAM_FORMS:
+    raise ValueError(f"lam_form must be 'paper' or 'kappa'; got {options['lam_form']!r}.")
+  domain = options["domain"]
+  out = dict(norm=canonical_norm(options["norm"]),
+             domain=None if domain is None else (float(domain[0]), float(domain[1])))
+  for penalty in ("l1", "l2"):
+    out[penalty] = float(options[penalty] or method.penalty_defaults.get(penalty, 0.0))
+  return out
 
-  def mmr_loss(params, apply_fn, x, y, hyper, key):
-    """CE + lam_B mean_kB hinge(d_B) + lam_D mean_kD hinge(d_D) (see get_method docs)."""
-    if q is None:
-      raise ValueError("mmr supports norms linf, l2, l1.")
-    logits = apply_fn(params, x)
-    ce = cross_entropy(logits, y)
-    bsz, num_classes = logits.shape
-    gamma = mmr_gamma_factor * hyper.eps
-    on = gamma > 0
-    gamma_safe = jnp.where(on, gamma, 1.0)
 
-    def hinge(d):  # max(0, 1 - d / gamma); 0 while gamma = 0 (warm-up)
-      return jnp.where(on, jax.nn.relu(1.0 - d / gamma_safe), 0.0)
+def _with_penalties(loss_fn: LossFn, options: Options, description: str) -> LossFn:
+  """``loss_fn`` plus the options' weight penalties, with the ``loss`` metric."""
+  l1, l2 = options["l1"], options["l2"]
 
-    # Region boundaries: |z_i(x)| / ||grad_x z_i(x)||_q for sampled ReLU units.
-    pre, vjp_pre = jax.vjp(lambda xx: _relu_preactivations(apply_fn, params, xx), x)
-    n_all = pre.shape[1]
-    if n_all > 0:
-      n_s = min(mmr_units, n_all)
-      # n_s distinct units per example, uniformly without replacement.
-      idx = lax.top_k(jax.random.uniform(key, (bsz, n_all)), n_s)[1].T  # (S, B)
-      cots = jax.nn.one_hot(idx, n_all, dtype=pre.dtype)        # (S, B, U)
-      grads = jax.vmap(lambda c: vjp_pre(c)[0])(cots)           # (S, B, ...)
-      gnorm = jax.vmap(lambda g: flat_norm(g, q))(grads)       # (S, B)
-      vals = jnp.take_along_axis(pre, idx.T, axis=1).T          # (S, B)
-      d_b = jnp.abs(vals) / jnp.maximum(gnorm, 1e-12)
-      # dead units (zero gradient) are no boundary in the region: infinite distance
-      d_b = jnp.where(gnorm > 1e-12, d_b, jnp.inf).T            # (B, S)
-      kb = min(mmr_k_b, n_s)
-      smallest_b = -lax.top_k(-d_b, kb)[0]
-      reg_b = jnp.mean(jnp.where(jnp.isfinite(smallest_b), hinge(
-          jnp.where(jnp.isfinite(smallest_b), smallest_b, 0.0)), 0.0))
-    else:
-      reg_b = jnp.zeros(())
-      d_b = jnp.full((bsz, 1), jnp.inf)
+  def loss(params, apply_fn, x, y, hyper, key):
+    value, metrics = loss_fn(params, apply_fn, x, y, hyper, key)
+    return add_penalties(value, dict(metrics), params, l1, l2)
 
-    # Decision boundaries: (f_y - f_j)(x) / ||grad_x (f_y - f_j)||_q, j != y (signed,
-    # so misclassified points are penalised more).
-    _, vjp_f = jax.vjp(lambda xx: apply_fn(params, xx), x)
-    onehot_y = jax.nn.one_hot(y, num_classes, dtype=logits.dtype)
-    cots = onehot_y[None] - jnp.eye(num_classes, dtype=logits.dtype)[:, None, :]  # (K,B,K)
-    grads = jax.vmap(lambda c: vjp_f(c)[0])(cots)
-    gnorm = jax.vmap(lambda g: flat_norm(g, q))(grads).T       # (B, K)
-    diff = jnp.take_along_axis(logits, y[:, None], axis=-1) - logits
-    d_d = diff / jnp.maximum(gnorm, 1e-12)
-    # j = y, or a margin constant in the region (zero gradient): no boundary to reach.
-    d_d = jnp.where((onehot_y > 0) | (gnorm <= 1e-12), jnp.inf, d_d)
-    kd = num_classes - 1 if mmr_k_d is None else min(mmr_k_d, num_classes - 1)
-    smallest_d = -lax.top_k(-d_d, kd)[0]
-    reg_d = jnp.mean(hinge(smallest_d))
-
-    reg = reg_b + mmr_lam_d * reg_d
-    metrics = dict(ce_clean=ce, robust_loss=reg, acc=accuracy(logits, y), mmr_b=reg_b,
-                   mmr_d=reg_d, min_dist_boundary=jnp.mean(jnp.min(d_b, axis=-1)),
-                   min_dist_decision=jnp.mean(jnp.min(d_d, axis=-1)))
-    return add_penalties(ce + hyper.lam * reg, metrics, params, l1, l2)
-
-  # -- Double Margin
-  variant = {"dm": "dm", "dm_s_only": "s_only", "dm_ibp_v": "ibp_v"}.get(name)
-
-  def dm_loss(params, apply_fn, x, y, hyper, key):
-    """(1 - lam) CE(z) + lam CE_split(z + s + v, z - s - v)  [= CE + lam R, eq. 9]."""
-    del key
-    m = double_margin(apply_fn, params, x, hyper.eps, norm, variant=variant, k=k,
-                      domain=domain if dm_domain else None)
-    ce = cross_entropy(m.z, y)
-    robust = jnp.mean(split_cross_entropy(m.upper, m.lower, y))
-    if lam_form == "paper":
-      loss = (1 - hyper.lam) * ce + hyper.lam * robust
-    else:
-      loss = hyper.kappa * ce + (1 - hyper.kappa) * robust
-    metrics = dict(ce_clean=ce, robust_loss=robust, dm_reg=robust - ce,
-                   acc=accuracy(m.z, y),
-                   dm_cert_acc=margin_certified(
-                       jnp.take_along_axis(m.lower, y[:, None], axis=-1) - m.upper, y),
-                   mean_s=jnp.mean(m.s), mean_v=jnp.mean(m.v))
-    return add_penalties(loss, metrics, params, l1, l2)
-
-  table = {
-      "normal": (normal_loss, "Normal training: CE(f(x), y)."),
-      "l1": (normal_loss, f"CE + {l1:g} * sum_layers ||W||_(op,inf) (max row l1 norm); "
-             "l1 weight regularisation (SingleProp default 2e-5)."),
-      "l2": (normal_loss, f"CE + {l2:g} * sum_layers ||W||_F^2; l2 weight regularisation."),
-      "adv": (adv_loss, "Adversarial training (Madry et al. 2018): CE(f(x_pgd), y), PGD "
-              f"{pgd_steps} steps of {pgd_step_size:g}, random start, on the {norm} ball "
-              "and the domain."),
-      "trades": (trades_loss, f"TRADES (Zhang et al. 2019): CE(f(x), y) + {trades_beta:g} "
-                 "KL(softmax f(x) || softmax f(x')), x' = PGD on the KL from "
-                 "x + 0.001 N(0, 1)."),
-      "ibp": (ibp_loss, "IBP (Gowal et al. 2018): kappa CE(f(x)) + (1 - kappa) CE(z_hat), "
-              "z_hat_y = lower bound, z_hat_j = upper bound (interval bounds on the ball "
-              "intersected with the domain)" + (", margins with the last layer folded in"
-                                                if ibp_margin else "") + "."),
-      "crown_ibp": (linear_loss("crown_ibp"),
-                    "CROWN-IBP (Zhang et al. 2020): kappa CE(f(x)) + (1 - kappa) CE(-lb), "
-                    "lb the CROWN-IBP margin lower bounds (IBP intermediate bounds, one "
-                    "CROWN backward pass); beta-mix with IBP margins: beta="
-                    f"{crown_ibp_beta}."),
-      "relu_stability": (rs_loss, "ReLU stability (Xiao et al. 2019): "
-                         + ("CE(f(x_pgd))" if adv else "CE(f(x))")
-                         + " + lam * mean_batch[-sum_i tanh(1 + u_i l_i)], IBP bounds of "
-                         "every ReLU input" + (" + l1" if l1 else "")
-                         + (" + magnitude pruning" if prune else "") + "."),
-      "bounded": (linear_loss("fastlin"),
-                  "Convex outer bound training (Wong & Kolter 2018): kappa CE(f(x)) + "
-                  "(1 - kappa) CE(-lb), lb the Fast-Lin (dual network) margin lower "
-                  "bounds, " + (f"intermediate bounds estimated with {bounded_projections} "
-                                "random Cauchy projections (Wong et al. 2018)"
-                                if bounded_projections else
-                                "exact intermediate bounds (no random projections)")
-                  + "."),
-      "mmr": (mmr_loss, "MMR (Croce et al. 2019, maximization of linear regions): CE + lam "
-              "[mean_{k_B smallest} max(0, 1 - d_B/gamma) + lam_D/lam_B mean_{k_D "
-              "smallest} max(0, 1 - d_D/gamma)], d_B = |z_i|/||grad z_i||_q over "
-              f"{mmr_units} sampled ReLU units, d_D = (f_y - f_j)/||grad(f_y - f_j)||_q, "
-              f"gamma = {mmr_gamma_factor:g} eps."),
-  }
-  dm_form = ("(1 - lam) CE(z) + lam CE_split(upper, lower)  [= CE + lam R]"
-             if lam_form == "paper" else
-             "kappa CE(z) + (1 - kappa) CE_split(upper, lower)  [SingleProp form]")
-  for n, what in (("dm", "Double Margin (Algorithm 1): z +/- (s + v)"),
-                  ("dm_s_only", "Double Margin Variation 1 (s only): z +/- s"),
-                  ("dm_ibp_v", "Double Margin Variation 2 (IBP + v): [l - v, u + v]")):
-    table[n] = (dm_loss, f"{what}; loss {dm_form}; CE_split(u, l) = logsumexp(u) - l_y "
-                "(eq. 9, DoubleMargin ICLR 2020 submission).")
-  loss_fn, description = table[name]
-  if name in ("crown_ibp", "bounded"):
-    loss_fn.__doc__ = description
-  if l1 and name != "l1":
-    description += f" Plus {l1:g} * l1 penalty."
-  if l2 and name != "l2":
-    description += f" Plus {l2:g} * l2 penalty."
-  return Method(name=name, loss=loss_fn, description=description, needs_ensemble=False,
-                prune=bool(prune), options=options)
+  loss.__doc__ = loss_fn.__doc__ or description
+  return loss
