@@ -1,7 +1,7 @@
 """Attacks of the training methods: PGD (Madry et al. 2018) and TRADES' KL attack."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,8 @@ def _per_example(eps, x):
   return eps.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
-def flat_norm(t, norm):
-  """Row-wise ``norm`` of a (B, ...) tensor: (B,)."""
+def flat_norm(t: jax.Array, norm: str) -> jax.Array:
+  """Row-wise ``norm`` ("linf", "l1", else l2) of a (B, ...) tensor: (B,)."""
   t = t.reshape((t.shape[0], -1))
   if norm == "linf":
     return jnp.max(jnp.abs(t), axis=-1)
@@ -84,16 +84,18 @@ def _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain):
   return lax.fori_loop(0, steps, body, x0)
 
 
-def check_attack_norm(norm):
+def check_attack_norm(norm: str) -> str:
+  """The canonical name of ``norm`` if PGD supports it (l-inf, l2); else ValueError."""
   norm = canonical_norm(norm)
   if norm not in ("linf", "l2"):
     raise ValueError(f"PGD supports norm 'linf' or 'l2'; got {norm!r}.")
   return norm
 
 
-def pgd_attack(apply_fn: Callable, params, x, y, eps, key, steps: int = 40,
-               step_size: float = 0.01, norm="linf", domain=(0.0, 1.0),
-               restarts: int = 1, loss: str = "ce", random_start: bool = True):
+def pgd_attack(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps, key: jax.Array,
+               steps: int = 40, step_size: float = 0.01, norm: str = "linf",
+               domain: Optional[Tuple[float, float]] = (0.0, 1.0), restarts: int = 1,
+               loss: str = "ce", random_start: bool = True) -> jax.Array:
   """Projected gradient descent (Madry et al. 2018) on the l-inf or l2 ball.
 
   Each restart starts from a uniform random point of the ball (``random_start``; else
@@ -135,16 +137,26 @@ def pgd_attack(apply_fn: Callable, params, x, y, eps, key, steps: int = 40,
   return lax.stop_gradient(best)
 
 
-def softmax_kl(logits_p, logits_q):
-  """Per-example KL(softmax p || softmax q)."""
+def softmax_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
+  """Per-example KL(softmax p || softmax q) of (B, K) logits: (B,)."""
   lp = jax.nn.log_softmax(logits_p, axis=-1)
   lq = jax.nn.log_softmax(logits_q, axis=-1)
   return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 
-def trades_attack(apply_fn, params, x, eps, key, steps, step_size, norm="linf",
-                  domain=(0.0, 1.0)):
-  """TRADES' inner maximisation: PGD on KL(p(x) || p(x')) from x + 0.001 N(0, 1)."""
+def trades_attack(apply_fn: Callable, params, x: jax.Array, eps, key: jax.Array, steps: int,
+                  step_size: float, norm: str = "linf",
+                  domain: Optional[Tuple[float, float]] = (0.0, 1.0)) -> jax.Array:
+  """TRADES' inner maximisation: PGD on KL(p(x) || p(x')) from x + 0.001 N(0, 1).
+
+  Args:
+    apply_fn: ``(params, x) -> logits``.
+    x: (B, ...) inputs; eps: scalar or (B,) radius; key: PRNG key of the start.
+    steps, step_size, norm ("linf" or "l2"), domain: as :func:`pgd_attack`.
+
+  Returns:
+    (B, ...) inputs inside the ball and the domain (no gradient).
+  """
   norm = check_attack_norm(norm)
   x = lax.stop_gradient(x)
   params = lax.stop_gradient(params)

@@ -3,6 +3,8 @@ variations ``dm_s_only`` and ``dm_ibp_v``; ``dm*`` ("Double Margin *") is ``dm``
 final lambda 1."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import jax.numpy as jnp
 
 from dm_jax.double_margin import double_margin, split_cross_entropy
@@ -52,9 +54,12 @@ def _describe(what: str, options: Options) -> str:
           "ICLR 2020 submission).")
 
 
-for _name, _variant, _what, _aliases in VARIANTS:
+def _register(name: str, variant: str, what: str, aliases: Tuple[str, ...]) -> None:
   register(MethodSpec(
-      _name, build=lambda o, v=_variant: _dm(v, o),
-      describe=lambda o, w=_what: _describe(w, o), options=("dm_domain",),
-      kappa_lam_forms=("kappa",), lam_final=DM_LAM_FINAL,
-      aliases={a: {"lam_final": STAR_LAM_FINAL} for a in _aliases}))
+      name, build=lambda o: _dm(variant, o), describe=lambda o: _describe(what, o),
+      options=("dm_domain",), kappa_lam_forms=("kappa",), lam_final=DM_LAM_FINAL,
+      aliases={a: {"lam_final": STAR_LAM_FINAL} for a in aliases}))
+
+
+for _variant_spec in VARIANTS:
+  _register(*_variant_spec)

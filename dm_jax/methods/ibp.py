@@ -8,8 +8,8 @@ from dm_jax.methods.base import (LAM_FORMS, LossFn, MethodSpec, Options, accurac
 
 
 def _ibp(options: Options) -> LossFn:
-  norm, domain, k, folded = options["norm"], options["domain"], options["k"], \
-      options["ibp_margin"]
+  norm, domain, k = options["norm"], options["domain"], options["k"]
+  folded = options["ibp_margin"]
 
   def ibp_loss(params, apply_fn, x, y, hyper, key):
     """kappa CE(f(x)) + (1 - kappa) CE(z_hat), z_hat the IBP worst-case logits."""

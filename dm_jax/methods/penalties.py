@@ -4,26 +4,28 @@ Weight matrices are the pytree leaves named ``kernel``.
 """
 from __future__ import annotations
 
+from typing import Any, Dict, Tuple
+
 import jax
 import jax.numpy as jnp
 
 
+def _is_kernel(path) -> bool:
+  """Whether a pytree path's last key is ``kernel``."""
+  last = path[-1] if path else None
+  return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+
 def _kernels(params):
   """The leaves of ``params`` whose last path key is ``kernel``."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = []
-  for path, leaf in leaves:
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", None))
-    if name == "kernel":
-      out.append(leaf)
-  return out
+  return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+          if _is_kernel(path)]
 
 
-def l1_penalty(params) -> jax.Array:
+def l1_penalty(params: Any) -> jax.Array:
   """sum over layers of ||W||_{op,inf}: the max over output units of the l1 norm of the
   unit's weights. Dense kernel (in, out): l1 over ``in``; conv kernel (h, w, in, out):
-  l1 over h, w, in (the weights of one output channel)."""
+  l1 over h, w, in (the weights of one output channel). A scalar."""
   total = jnp.zeros((), jnp.float32)
   for k in _kernels(params):
     k2 = jnp.abs(k).reshape((-1, k.shape[-1]))
@@ -31,15 +33,15 @@ def l1_penalty(params) -> jax.Array:
   return total
 
 
-def l2_penalty(params) -> jax.Array:
-  """sum over layers of the squared Frobenius norm of the kernel."""
+def l2_penalty(params: Any) -> jax.Array:
+  """sum over layers of the squared Frobenius norm of the kernel: a scalar."""
   total = jnp.zeros((), jnp.float32)
   for k in _kernels(params):
     total = total + jnp.sum(jnp.square(k))
   return total
 
 
-def prune_small_weights(params, threshold: float = 1e-3):
+def prune_small_weights(params: Any, threshold: float = 1e-3) -> Tuple[Any, Any]:
   """Magnitude pruning (Xiao et al. 2019): zero every kernel weight with |w| < threshold.
 
   Returns:
@@ -48,25 +50,31 @@ def prune_small_weights(params, threshold: float = 1e-3):
     Keep the pruned weights at zero while fine-tuning with :func:`apply_masks`.
   """
   def mask_of(path, leaf):
-    last = path[-1] if path else None
-    name = getattr(last, "key", getattr(last, "name", None))
-    if name == "kernel":
-      return (jnp.abs(leaf) >= threshold).astype(leaf.dtype)
-    return None
+    return (jnp.abs(leaf) >= threshold).astype(leaf.dtype) if _is_kernel(path) else None
   masks = jax.tree_util.tree_map_with_path(mask_of, params)
   return apply_masks(params, masks), masks
 
 
-def apply_masks(params, masks):
+def apply_masks(params: Any, masks: Any) -> Any:
   """Multiplies the kernels by their masks (leaves whose mask is None are unchanged)."""
   return jax.tree_util.tree_map(lambda p, m: p if m is None else p * m, params, masks,
                                 is_leaf=lambda t: t is None)
 
 
+def add_penalties(loss: jax.Array, metrics: Dict[str, jax.Array], params: Any, l1: float,
+                  l2: float) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Adds the weight penalties to a method's objective.
 
-def add_penalties(loss, metrics, params, l1, l2):
-  """``loss + l1 * l1_penalty + l2 * l2_penalty`` (zero weights skipped); ``metrics`` gains
-  the penalties and ``loss``."""
+  Args:
+    loss: the scalar objective.
+    metrics: the method's scalar metrics; gains ``l1_penalty`` / ``l2_penalty`` (for the
+      nonzero weights) and ``loss`` (updated in place).
+    params: the model variables.
+    l1, l2: the penalty weights (0: none).
+
+  Returns:
+    ``(loss + l1 * l1_penalty(params) + l2 * l2_penalty(params), metrics)``.
+  """
   if l1:
     p = l1_penalty(params)
     loss = loss + l1 * p
