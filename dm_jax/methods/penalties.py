@@ -75,14 +75,11 @@ def add_penalties(loss: jax.Array, metrics: Dict[str, jax.Array], params: Any, l
   Returns:
     ``(loss + l1 * l1_penalty(params) + l2 * l2_penalty(params), metrics)``.
   """
-  if l1:
-    p = l1_penalty(params)
-    loss = loss + l1 * p
-    metrics["l1_penalty"] = p
-  if l2:
-    p = l2_penalty(params)
-    loss = loss + l2 * p
-    metrics["l2_penalty"] = p
+  for weight, penalty in ((l1, l1_penalty), (l2, l2_penalty)):
+    if weight:
+      p = penalty(params)
+      loss = loss + weight * p
+      metrics[penalty.__name__] = p
   metrics["loss"] = loss
   return loss, metrics
 
