@@ -352,11 +352,10 @@ def get_method(name: str, *, norm: str = "linf", l1: float = 0.0, l2: float = 0.
   method = spec(name)
   _check_options(method, options)
   options = {**method.extra_options, **options, **_resolve_common(method, options)}
-  view = types.MappingProxyType(
-      {o: options[o] for o in COMMON_OPTIONS + tuple(method.options)})
+  read = COMMON_OPTIONS + tuple(method.options)
   if method.validate is not None:
-    options.update(method.validate(view) or {})
-    view = types.MappingProxyType({o: options[o] for o in view})
+    options.update(method.validate(_view(options, read)) or {})
+  view = _view(options, read)
   description = method.describe(view)
   loss_fn = _with_penalties(method.build(view), options, description)
   for penalty in ("l1", "l2"):
@@ -401,6 +400,11 @@ def _resolve_common(method: MethodSpec, options: Dict[str, Any]) -> Dict[str, An
   for penalty in ("l1", "l2"):
     out[penalty] = float(options[penalty] or method.penalty_defaults.get(penalty, 0.0))
   return out
+
+
+def _view(options: Dict[str, Any], read: Tuple[str, ...]) -> Options:
+  """The read-only options a method sees: those named in ``read``."""
+  return types.MappingProxyType({o: options[o] for o in read})
 
 
 def _with_penalties(loss_fn: LossFn, options: Options, description: str) -> LossFn:
