@@ -55,7 +55,7 @@ def worker(spec: dict) -> dict:
   match = re.fullmatch(r"bounded_p(\d+)", name)  # bounded with K random projections
   if match:
     name, kwargs = "bounded", dict(bounded_projections=int(match.group(1)))
-  method = methods.get_method(train.canonical_method(name), **kwargs)
+  method = methods.get_method(name, **kwargs)  # a registered name or an alias (dm*)
 
   def make_hyper(eps, lam, kappa):  # end-of-ramp values: every branch active
     del eps, lam, kappa

@@ -148,16 +148,11 @@ def resolve(dataset: str, total_steps: int, *, eps_final: float, lam_final: floa
 
 
 def default_lam_final(method: str, lam_form: str = "paper") -> float:
-  """Final lambda: paper form 2 for ``dm`` (and its variants), 1 for ``dm*``.
+  """Final lambda when none is given: :func:`dm_jax.methods.default_lam_final`.
 
-  With ``lam_form != "paper"`` (SingleProp's kappa form, lambda = 1 - kappa) it is 0.5.
-  Methods other than Double Margin get 1.0 (their loss decides what lambda means).
+  Paper form: 2 for ``dm`` (and its variants), 1 for ``dm*``, 1.0 for the other methods
+  (their loss decides what lambda means). ``lam_form != "paper"`` (SingleProp's kappa
+  form, lambda = 1 - kappa): 0.5.
   """
-  if lam_form != "paper":
-    return 0.5
-  m = method.lower()
-  if m.endswith("*") or "star" in m:
-    return 1.0
-  if m.startswith("dm"):
-    return 2.0
-  return 1.0
+  from dm_jax import methods  # pylint: disable=import-outside-toplevel
+  return methods.default_lam_final(method, lam_form)

@@ -122,20 +122,16 @@ class TrainConfig:
     if self.kappa_mode not in ("schedule", "ada"):
       raise ValueError(f"kappa_mode must be 'schedule' or 'ada'; got {self.kappa_mode!r}.")
     if self.kappa_mode == "ada":
-      if canonical_method(self.method) not in ADA_METHODS or (
-          canonical_method(self.method) == "dm" and self.lam_form != "kappa"):
+      from dm_jax import methods  # lazy: methods imports the bound modules
+      if not methods.kappa_form(self.method, self.lam_form):
         raise ValueError(
             "kappa_mode='ada' re-weights kappa CE(clean) + (1 - kappa) robust loss; it "
-            f"applies to {', '.join(ADA_METHODS)} (dm with lam_form='kappa'), not "
-            f"method={self.method!r} (lam_form={self.lam_form!r}).")
+            f"applies to {methods.kappa_form_summary()}, not method={self.method!r} "
+            f"(lam_form={self.lam_form!r}).")
       if not self.ada_gamma > 0:
         raise ValueError(f"ada_gamma must be > 0; got {self.ada_gamma!r}.")
       if self.ada_holdout < 1:
         raise ValueError(f"ada_holdout must be >= 1; got {self.ada_holdout!r}.")
-
-
-# Methods whose loss is kappa CE(clean) + (1 - kappa) robust (kappa_mode="ada").
-ADA_METHODS = ("ibp", "crown_ibp", "bounded", "dm", "dm_s_only", "dm_ibp_v")
 
 
 def ada_kappa(robust_loss: float, clean_loss: float, gamma: float) -> float:
@@ -212,15 +208,15 @@ def create_train_state(config: TrainConfig, key, input_shape, *, model=None, tx=
 
 
 def canonical_method(name: str) -> str:
-  """``dm*`` / ``dm_star`` ("Double Margin *") is ``dm`` with final lambda 1."""
-  if name in ("dm*", "dm_star", "dmstar"):
-    return "dm"
-  return name
+  """The registered method an alias stands for (``dm*`` -> ``dm``), see
+  :func:`dm_jax.methods.canonical_name`."""
+  from dm_jax import methods
+  return methods.canonical_name(name)
 
 
 def _get_method(config: TrainConfig):
   from dm_jax import methods  # lazy: methods imports the bound modules
-  return methods.get_method(canonical_method(config.method), norm=config.norm, l1=config.l1,
+  return methods.get_method(config.method, norm=config.norm, l1=config.l1,
                             prune=config.prune, adv=config.adv, lam_form=config.lam_form,
                             **config.method_kwargs)
 

@@ -44,8 +44,8 @@ class DatasetDefaults:
   eps_scale: float = 1.0      # table columns in units of 1/eps_scale (255 for /255 grids)
 
 
-flags.DEFINE_string("method", "dm", "Training method (dm_jax.methods.METHODS, or 'dm*' "
-                    "= Double Margin with final lambda 1).")
+flags.DEFINE_string("method", "dm", "Training method (dm_jax.methods.METHODS, or an "
+                    "alias: 'dm*' = Double Margin with final lambda 1).")
 flags.DEFINE_string("arch", None, "Architecture (dm_jax.ARCHITECTURES or mlp/small_s2); "
                     "default: the dataset's.")
 flags.DEFINE_string("eps", None, "Training radius eps_train (in [0, 1] pixel units; "
@@ -86,8 +86,8 @@ flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps
 flags.DEFINE_integer("eval_cert_points", 256, "Test points for the per-epoch IBP check.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 flags.DEFINE_integer("projections", 0, "bounded: random Cauchy projections for the "
-                     "intermediate bounds (Wong et al. 2018; 0: exact). The paper's "
-                     "baseline used 50.")
+                     "intermediate bounds (Wong et al. 2018; 0: exact), the method option "
+                     "bounded_projections. The paper's baseline used 50.")
 flags.DEFINE_enum("kappa_mode", "schedule", ["schedule", "ada"], "kappa on the ramp, or "
                   "SingleProp's 'ada': reset every epoch to l_robust / (l_robust + gamma "
                   "l_clean) on held-out training data (ibp, crown_ibp, bounded, dm with "
@@ -138,13 +138,13 @@ def build_config(defaults: DatasetDefaults):
   """Validates the flags and returns a :class:`dm_jax.train.TrainConfig`."""
   from dm_jax import methods
   from dm_jax.models import _REGISTRY
-  from dm_jax.train import TrainConfig, canonical_method
+  from dm_jax.train import TrainConfig
   from dm_jax.input_sets import canonical_norm
 
   method = FLAGS.method
-  if canonical_method(method) not in methods.METHODS:
+  if method not in methods.names(aliases=True):
     raise ValueError(f"unknown --method {method!r}; expected one of "
-                     f"{', '.join(methods.METHODS + ('dm*',))}")
+                     f"{', '.join(methods.names(aliases=True))}")
   arch = FLAGS.arch or defaults.arch
   if arch not in _REGISTRY:
     raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(sorted(_REGISTRY))}")
@@ -176,24 +176,23 @@ def build_config(defaults: DatasetDefaults):
   if eps_schedule is not None and eps_schedule[1] < eps_schedule[0]:
     raise ValueError(f"--eps_schedule needs warmup_end <= ramp_end; got {FLAGS.eps_schedule}")
   lr_boundaries = parse_steps(FLAGS.lr_boundaries, "lr_boundaries")
-  # Let methods validate the remaining options (lam_form, norm for PGD, ...).
-  method_kwargs = {}
-  if FLAGS.dm_domain:
-    if not canonical_method(method).startswith("dm"):
-      raise ValueError(f"--dm_domain applies to the Double Margin methods, not {method!r}")
-    method_kwargs["dm_domain"] = True
-  if FLAGS.dm_loss != "split":
-    if not canonical_method(method).startswith("dm"):
-      raise ValueError(f"--dm_loss applies to the Double Margin methods, not {method!r}")
-    method_kwargs["dm_loss"] = FLAGS.dm_loss
   if not 0.0 <= FLAGS.kappa_final <= 1.0:
     raise ValueError(f"--kappa_final must be in [0, 1]; got {FLAGS.kappa_final}")
+  # The method validates its options: one it does not read (--dm_domain for a method
+  # other than Double Margin, --projections for one other than bounded, --adv for one
+  # other than relu_stability) is an error naming both.
+  method_kwargs = {}
+  if FLAGS.dm_domain:
+    method_kwargs["dm_domain"] = True
+  if FLAGS.dm_loss != "split":
+    method_kwargs["dm_loss"] = FLAGS.dm_loss
   if FLAGS.projections:
-    if canonical_method(method) != "bounded":
-      raise ValueError(f"--projections applies to --method=bounded, not {method!r}")
     method_kwargs["bounded_projections"] = FLAGS.projections
-  methods.get_method(canonical_method(method), norm=norm, l1=FLAGS.l1, prune=FLAGS.prune,
-                     adv=FLAGS.adv, lam_form=FLAGS.lam_form, **method_kwargs)
+  try:
+    methods.get_method(method, norm=norm, l1=FLAGS.l1, prune=FLAGS.prune, adv=FLAGS.adv,
+                       lam_form=FLAGS.lam_form, **method_kwargs)
+  except ValueError as e:
+    raise ValueError(f"--method={method}: {e}") from None
   workdir = FLAGS.workdir or (f"./runs/{defaults.dataset}_{method.replace('*', 'star')}_"
                               f"{arch}_eps{eps:.4g}")
   config = TrainConfig(
@@ -264,6 +263,7 @@ def run(defaults: DatasetDefaults) -> None:
   """Trains and certifies per the flags. Raises ValueError / DatasetNotFoundError."""
   import numpy as np
   from dm_jax import data as data_lib
+  from dm_jax import methods
   from dm_jax import provenance
   from dm_jax import train as train_lib
 
@@ -303,8 +303,7 @@ def run(defaults: DatasetDefaults) -> None:
                               FLAGS.progress, cert_domain, pgd)
   cert_time = time.time() - t1
   lam = (config.lam_final if config.lam_final is not None else
-         __import__("dm_jax.schedules", fromlist=["x"]).default_lam_final(
-             config.method, config.lam_form))
+         methods.default_lam_final(config.method, config.lam_form))
   header = (f"Certified accuracy ({n} random test points, seed {config.seed}), "
             f"{defaults.dataset} {config.arch} {config.method} eps_train="
             f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g} "
