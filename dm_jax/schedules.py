@@ -120,12 +120,28 @@ class ResolvedSchedule:
     return lr_schedule(self.lr, self.lr_boundaries, self.lr_decay)
 
 
+# Shapes of the default boundaries. "singleprop": the reference run's absolute steps
+# (table above), scaled down for shorter runs. "proportional" **(choice, docs/recipes.md)**:
+# eps 0 for the first 5% of the steps, linear ramp to eps_train at 50%, lr x0.1 after
+# 75% and 90%, for any run length: the shape of the short MNIST recipes (Shi et al.
+# 2021 also ramp over about half of a short run and decay late).
+SHAPES = ("singleprop", "proportional")
+PROPORTIONAL = (0.05, 0.5, (0.75, 0.9))
+
+
 def resolve(dataset: str, total_steps: int, *, eps_final: float, lam_final: float,
             kappa_final: float = 0.5, lr: float = 5e-4, lr_decay: float = 0.1,
             eps_schedule: Optional[Sequence[int]] = None,
-            lr_boundaries: Optional[Sequence[int]] = None) -> ResolvedSchedule:
-  """The run's schedule: explicit boundaries as given, defaults scaled to short runs."""
+            lr_boundaries: Optional[Sequence[int]] = None,
+            shape: str = "singleprop") -> ResolvedSchedule:
+  """The run's schedule: explicit boundaries as given, the rest from ``shape``."""
+  if shape not in SHAPES:
+    raise ValueError(f"schedule shape must be one of {', '.join(SHAPES)}; got {shape!r}.")
   d = defaults_for(dataset)
+  if shape == "proportional":
+    warm_f, ramp_f, drops_f = PROPORTIONAL
+    d = ScheduleDefaults(round(warm_f * total_steps), round(ramp_f * total_steps),
+                         tuple(round(f * total_steps) for f in drops_f), total_steps)
   if eps_schedule is None:
     warm, ramp = scale_steps((d.warmup_end, d.ramp_end), total_steps, d.reference_steps)
   else:

@@ -69,6 +69,7 @@ class TrainConfig:
   lr_decay: float = 0.1
   lr_boundaries: Optional[Tuple[int, ...]] = None    # None: dataset default, scaled
   eps_schedule: Optional[Tuple[int, int]] = None     # (warmup_end, ramp_end) steps
+  schedule: str = "singleprop"                       # default boundaries: schedules.SHAPES
   lam_final: Optional[float] = None                  # None: schedules.default_lam_final
   kappa_final: float = 0.5
   kappa_mode: str = "schedule"                       # "schedule" or "ada" (SingleProp)
@@ -119,6 +120,9 @@ class TrainConfig:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
     if self.max_train_examples is not None and self.max_train_examples <= 0:
       raise ValueError("max_train_examples must be positive.")
+    if self.schedule not in schedules.SHAPES:
+      raise ValueError(f"schedule must be one of {', '.join(schedules.SHAPES)}; got "
+                       f"{self.schedule!r}.")
     if self.kappa_mode not in ("schedule", "ada"):
       raise ValueError(f"kappa_mode must be 'schedule' or 'ada'; got {self.kappa_mode!r}.")
     if self.kappa_mode == "ada":
@@ -407,7 +411,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
                             lam_final=lam_final, kappa_final=config.kappa_final,
                             lr=config.lr, lr_decay=config.lr_decay,
                             eps_schedule=config.eps_schedule,
-                            lr_boundaries=config.lr_boundaries)
+                            lr_boundaries=config.lr_boundaries, shape=config.schedule)
   prune_step = (config.prune_step if config.prune_step is not None else sched.ramp_end)
   if method is None:
     method = _get_method(config)
@@ -595,6 +599,9 @@ def _check_same_run(saved: Optional[Dict[str, Any]], config: TrainConfig, direct
     return
   now = json.loads(json.dumps(config.to_json(), default=str))
   saved = json.loads(json.dumps(saved, default=str))
+  # A field added after the checkpoint was written reads as its default there.
+  defaults = json.loads(json.dumps(TrainConfig().to_json(), default=str))
+  saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
   diff = sorted(k for k in set(now) | set(saved)
                 if k not in _RESUME_MAY_DIFFER and now.get(k) != saved.get(k))
   if diff:

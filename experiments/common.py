@@ -42,6 +42,13 @@ class DatasetDefaults:
   normalize: bool = False
   augment: bool = False
   eps_scale: float = 1.0      # table columns in units of 1/eps_scale (255 for /255 grids)
+  # The training recipe and certification a flag left unset takes (docs/recipes.md).
+  lam_form: str = "paper"
+  dm_loss: str = "split"
+  schedule: str = "singleprop"
+  cert_domain: bool = False
+  cert_methods: Tuple[str, ...] = ("fastlin", "ibp")
+  num_cert_points: int = 200
 
 
 flags.DEFINE_string("method", "dm", "Training method (dm_jax.methods.METHODS, or an "
@@ -57,15 +64,24 @@ flags.DEFINE_string("lr_boundaries", None, "Comma-separated steps after which th
                     "multiplied by 0.1 (default: the dataset's, scaled for short runs).")
 flags.DEFINE_float("lambda_final", None, "Final lambda (default: 2 for dm, 1 for dm*, "
                    "paper form).")
-flags.DEFINE_enum("lam_form", "paper", ["paper", "kappa"], "DM objective form: 'paper' "
-                  "((1-lam) CE + lam CE_split) or 'kappa' (SingleProp: kappa 1 -> 0.5).")
+flags.DEFINE_enum("lam_form", None, ["paper", "kappa"], "DM objective form: 'paper' "
+                  "((1-lam) CE + lam CE_split, the paper's lambda -> 2, which collapses on "
+                  "MNIST at eps 0.3: docs/results.md) or 'kappa' (SingleProp: kappa 1 -> "
+                  "kappa_final); default: the dataset's.")
+flags.DEFINE_enum("schedule", None, ["singleprop", "proportional"], "Default step "
+                  "boundaries: 'singleprop' (the reference run's steps, scaled down for "
+                  "short runs) or 'proportional' (eps ramp 5%-50% of the steps, lr x0.1 "
+                  "after 75% and 90%); --eps_schedule/--lr_boundaries override; default: "
+                  "the dataset's.")
 flags.DEFINE_string("eps_schedule", None, "'warmup_end,ramp_end' steps of the eps/lambda/"
                     "kappa ramp (default: the dataset's, scaled for short runs).")
 flags.DEFINE_string("workdir", None, "Output directory (default "
                     "./runs/<dataset>_<method>_<arch>_eps<eps>).")
 flags.DEFINE_integer("seed", 0, "Seed (init, data order, augmentation, cert points).")
-flags.DEFINE_integer("num_cert_points", 200, "Random test points to certify (0: skip).")
-flags.DEFINE_string("cert_methods", "fastlin,ibp", "Certifiers for the table.")
+flags.DEFINE_integer("num_cert_points", None, "Random test points to certify (0: skip); "
+                     "default: the dataset's.")
+flags.DEFINE_string("cert_methods", None, "Certifiers for the table (comma-separated: "
+                    "fastlin, crown, zero, ibp, crown_ibp, mip); default: the dataset's.")
 flags.DEFINE_integer("cert_batch_size", 50, "Certification batch size.")
 flags.DEFINE_integer("pgd_steps", 50, "PGD steps of the table's attack row (the empirical "
                      "upper bound; margin loss, step 2.5 eps / steps).")
@@ -101,12 +117,13 @@ flags.DEFINE_bool("dm_domain", False, "Double Margin: intersect the start interv
                   "keeps z = x with s the clipped half width, so a pixel at 0 is modelled "
                   "as [-eps/2, eps/2], not [0, eps]: harmful (docs/recipes.md). dm_ibp_v "
                   "takes the clipped interval exactly.")
-flags.DEFINE_enum("dm_loss", "split", ["split", "worst_case"], "Double Margin's robust "
+flags.DEFINE_enum("dm_loss", None, ["split", "worst_case"], "Double Margin's robust "
                   "term: 'split' (eq. 9, logsumexp(upper) - lower_y) or 'worst_case' "
-                  "(CE of the worst-case logits, IBP's form).")
-flags.DEFINE_bool("cert_domain", False, "Certify (final table and per-epoch IBP check) on "
+                  "(CE of the worst-case logits, IBP's form); default: the dataset's.")
+flags.DEFINE_bool("cert_domain", None, "Certify (final table and per-epoch IBP check) on "
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
-                  "Gowal et al. and Zhang et al.); off: the plain ball.")
+                  "Gowal et al. and Zhang et al.); off: the plain ball; default: the "
+                  "dataset's.")
 flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examples held "
                      "out to measure the losses.")
 
@@ -132,6 +149,12 @@ def parse_steps(text: Optional[str], what: str, count: Optional[int] = None):
   if any(s < 0 for s in steps):
     raise ValueError(f"--{what} steps must be >= 0; got {text!r}")
   return steps
+
+
+def setting(name: str, defaults: DatasetDefaults):
+  """The flag ``--name`` if given, else the dataset's default of the same name."""
+  value = getattr(FLAGS, name)
+  return getattr(defaults, name) if value is None else value
 
 
 def build_config(defaults: DatasetDefaults):
@@ -160,7 +183,7 @@ def build_config(defaults: DatasetDefaults):
   lr = defaults.lr if FLAGS.lr is None else FLAGS.lr
   if not lr > 0:
     raise ValueError(f"--lr must be > 0; got {lr}")
-  if FLAGS.num_cert_points < 0:
+  if setting("num_cert_points", defaults) < 0:
     raise ValueError(f"--num_cert_points must be >= 0; got {FLAGS.num_cert_points}")
   if FLAGS.pgd_restarts < 0 or FLAGS.pgd_steps < 1:
     raise ValueError(f"--pgd_steps must be >= 1 and --pgd_restarts >= 0; got "
@@ -184,26 +207,34 @@ def build_config(defaults: DatasetDefaults):
   method_kwargs = {}
   if FLAGS.dm_domain:
     method_kwargs["dm_domain"] = True
-  if FLAGS.dm_loss != "split":
-    method_kwargs["dm_loss"] = FLAGS.dm_loss
+  # A dataset's default dm_loss goes to the methods that read it; the flag to any method
+  # (so --dm_loss with --method=ibp is an error naming both).
+  # (A method's own default stays out of method_kwargs, so configs read as before.)
+  dm_loss = setting("dm_loss", defaults)
+  if FLAGS.dm_loss is not None and "dm_loss" not in methods.spec(method).options or (
+      "dm_loss" in methods.spec(method).options and dm_loss != "split"):
+    method_kwargs["dm_loss"] = dm_loss
+  lam_form = setting("lam_form", defaults)
   if FLAGS.projections:
     method_kwargs["bounded_projections"] = FLAGS.projections
   try:
     methods.get_method(method, norm=norm, l1=FLAGS.l1, prune=FLAGS.prune, adv=FLAGS.adv,
-                       lam_form=FLAGS.lam_form, **method_kwargs)
+                       lam_form=lam_form, **method_kwargs)
   except ValueError as e:
     raise ValueError(f"--method={method}: {e}") from None
   workdir = FLAGS.workdir or (f"./runs/{defaults.dataset}_{method.replace('*', 'star')}_"
                               f"{arch}_eps{eps:.4g}")
   config = TrainConfig(
       dataset=defaults.dataset, arch=arch, method=method, norm=norm, l1=FLAGS.l1,
-      prune=FLAGS.prune, adv=FLAGS.adv, lam_form=FLAGS.lam_form, eps_train=eps,
+      prune=FLAGS.prune, adv=FLAGS.adv, lam_form=lam_form, eps_train=eps,
       epochs=epochs, batch_size=batch_size, lr=lr, lr_boundaries=lr_boundaries,
       eps_schedule=eps_schedule, lam_final=FLAGS.lambda_final, seed=FLAGS.seed,
       workdir=workdir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       grad_clip=FLAGS.grad_clip, ensemble=FLAGS.ensemble, normalize=defaults.normalize,
       augment=defaults.augment, max_train_examples=FLAGS.max_train_examples,
-      eval_cert_points=FLAGS.eval_cert_points, eval_domain=FLAGS.cert_domain,
+      eval_cert_points=FLAGS.eval_cert_points,
+      eval_domain=bool(setting("cert_domain", defaults)),
+      schedule=setting("schedule", defaults),
       progress=FLAGS.progress,
       method_kwargs=method_kwargs, kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
       ada_holdout=FLAGS.ada_holdout)
@@ -269,8 +300,10 @@ def run(defaults: DatasetDefaults) -> None:
 
   t_start = time.time()
   config = build_config(defaults)
-  cert_methods = tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
-  if FLAGS.num_cert_points:
+  cert_methods = (tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
+                  if FLAGS.cert_methods is not None else defaults.cert_methods)
+  num_cert_points = setting("num_cert_points", defaults)
+  if num_cert_points:
     from dm_jax.certify import canonical_certifier
     for m in cert_methods:
       canonical_certifier(m)  # ValueError for an unknown certifier
@@ -287,13 +320,13 @@ def run(defaults: DatasetDefaults) -> None:
   print(f"training done: step {int(state.step)} in {train_time:.1f} s", flush=True)
 
   workdir = Path(config.workdir)
-  if FLAGS.num_cert_points == 0:
+  if num_cert_points == 0:
     return
-  n = min(FLAGS.num_cert_points, dataset.num_test)
+  n = min(num_cert_points, dataset.num_test)
   idx = np.sort(np.random.default_rng(config.seed).choice(dataset.num_test, n, replace=False))
   x, y = dataset.x_test[idx], dataset.y_test[idx]
   _, apply_fn = train_lib.build_model(config, dataset.num_classes)
-  cert_domain = (0.0, 1.0) if FLAGS.cert_domain else None
+  cert_domain = (0.0, 1.0) if setting("cert_domain", defaults) else None
   pgd = (dict(steps=FLAGS.pgd_steps, restarts=FLAGS.pgd_restarts, seed=config.seed,
               attack_certified=FLAGS.pgd_attack_certified)
          if FLAGS.pgd_restarts and config.norm in ("linf", "l2") else None)

@@ -367,3 +367,18 @@ def test_resume_refuses_a_different_run(tmp_path):
   state, _ = train_lib.train(_config(tmp_path, "r", epochs=1, eval_cert_points=5), ds,
                              method=_CE(), make_hyper=_hyper)
   assert int(state.step) == 4
+
+
+def test_proportional_schedule_shape():
+  """'proportional': warm-up 5%, ramp to 50%, lr drops after 75% and 90% of any run;
+  explicit boundaries still win; an unknown shape is an error."""
+  for total in (1000, 12000, 60000):
+    s = schedules.resolve("mnist", total, eps_final=0.3, lam_final=0.5, shape="proportional")
+    assert (s.warmup_end, s.ramp_end) == (round(0.05 * total), round(0.5 * total))
+    assert s.lr_boundaries == (round(0.75 * total), round(0.9 * total))
+  s = schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5, shape="proportional",
+                        eps_schedule=(10, 20), lr_boundaries=(30,))
+  assert (s.warmup_end, s.ramp_end, s.lr_boundaries) == (10, 20, (30,))
+  assert schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5).ramp_end == 2400
+  with pytest.raises(ValueError, match="shape"):
+    schedules.resolve("mnist", 100, eps_final=0.3, lam_final=0.5, shape="nope")
