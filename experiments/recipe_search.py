@@ -49,7 +49,7 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
     "mnist_short": (
         "mnist",
         ("--epochs=20", "--seed=0", "--num_cert_points=1000", "--cert_domain",
-         "--cert_methods=ibp,crown_ibp", "--noprogress"),
+         "--cert_methods=ibp,crown_ibp", "--pgd_attack_certified", "--noprogress"),
         (0.1, 0.2, 0.3),
         {
             # Finding: DM's start on the clipped box keeps z = x and a symmetric s, so
