@@ -212,7 +212,7 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
   def advance(params, xb, yb, xa, eps, step, key, n_steps, start):
     return pgd_attack(apply_fn, params, xb, yb, eps, key, steps=n_steps, step_size=step,
                       norm=norm, domain=box, loss="margin",
-                      x_init=None if start else xa)
+                      x_init=None if start else xa, unroll=True)
 
   predict = jax.jit(lambda params, xb: jnp.argmax(apply_fn(params, xb), -1))
   out = []
