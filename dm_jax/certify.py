@@ -215,11 +215,12 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
                       x_init=None if start else xa, unroll=True)
 
   predict = jax.jit(lambda params, xb: jnp.argmax(apply_fn(params, xb), -1))
+  correct = np.asarray(predict(params, jnp.asarray(x))) == np.asarray(y)
   out = []
   for i, eps in enumerate(eps_grid):
     eps = float(eps)
     step = jnp.float32(step_size if step_size is not None else 2.5 * eps / steps)
-    ok = np.asarray(predict(params, jnp.asarray(x))) == np.asarray(y)
+    ok = correct.copy()
     todo = np.flatnonzero(ok & ~skip[i]) if skip is not None else np.flatnonzero(ok)
     for start in range(0, todo.size, bs) if eps > 0 else ():
       idx = todo[start:start + bs]
