@@ -212,8 +212,9 @@ def build_config(defaults: DatasetDefaults):
   # (so --dm_loss with --method=ibp is an error naming both).
   # (A method's own default stays out of method_kwargs, so configs read as before.)
   dm_loss = setting("dm_loss", defaults)
-  if FLAGS.dm_loss is not None and "dm_loss" not in methods.spec(method).options or (
-      "dm_loss" in methods.spec(method).options and dm_loss != "split"):
+  reads_dm_loss = "dm_loss" in methods.spec(method).options
+  if (FLAGS.dm_loss is not None and not reads_dm_loss) or (reads_dm_loss
+                                                           and dm_loss != "split"):
     method_kwargs["dm_loss"] = dm_loss
   lam_form = setting("lam_form", defaults)
   if FLAGS.projections:
