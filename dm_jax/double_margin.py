@@ -8,7 +8,12 @@ Propagated alongside each other over the traced model:
   ``v' = (g(z + v) - g(z - v)) / 2 + |g(z + s + v) + g(z - s - v) - 2 g(z)| / 2``.
 
 Start: ``z = x``, ``s = eps``, ``v = 0`` (l-inf); for l2/l1/l0 the first linear layer
-gets the exact half range (see :mod:`dm_jax.propagation`).
+gets the exact half range (see :mod:`dm_jax.propagation`). With a data box (``domain``,
+l-inf) the expansion point moves to the centre of the clipped interval
+``[max(x - eps, lo), min(x + eps, hi)]``, with ``s`` its half width, so the start is that
+interval exactly (``z`` is then the network at the centre, a point of the set; it equals
+``f(x)`` where nothing is clipped). Keeping ``z = x`` with a symmetric ``s`` would model a
+pixel at 0 as ``[-eps/2, eps/2]`` instead of ``[0, eps]``.
 
 Variants (paper Table 2): ``"s_only"`` (Variation 1: no v) and ``"ibp_v"`` (Variation 2:
 IBP bounds ``l, u`` replace ``z - s, z + s`` in the v rule and in the objective).
@@ -126,8 +131,10 @@ def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
     norm: "linf", "l2", "l1" or "l0".
     variant: "dm" (default), "s_only" or "ibp_v".
     k: changed coordinates for l0.
-    domain: optional (lo, hi) data box (for linf it clips the start interval; z stays
-      the nominal input and ``s_0`` is the half width of the clipped interval).
+    domain: optional (lo, hi) data box. For linf the start is the clipped interval
+      itself: for ``dm``/``s_only`` it is expanded at its centre (``z`` is then the
+      network's value at the centre, not at ``x``; see the module docstring), for
+      ``ibp_v`` the IBP part takes it exactly and ``z`` stays ``f(x)``.
     return_relu_inputs: also return the Margins of every ReLU input.
 
   Returns:
@@ -136,6 +143,9 @@ def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
   """
   dom = make_domain(variant)
   iset = make_input_set(x, eps, norm, k, domain)
+  if domain is not None and iset.norm == "linf" and variant != "ibp_v":
+    lower, upper = iset.box()
+    iset = make_input_set((lower + upper) / 2, (upper - lower) / 2, "linf")
   out, relus = propagation.propagate(apply_fn, params, iset, dom)
   if return_relu_inputs:
     return to_margins(out, variant), tuple(to_margins(a, variant) for a in relus)

@@ -45,6 +45,7 @@ class DatasetDefaults:
   # The training recipe and certification a flag left unset takes (docs/recipes.md).
   lam_form: str = "paper"
   dm_loss: str = "split"
+  dm_domain: bool = False
   schedule: str = "singleprop"
   cert_domain: bool = False
   cert_methods: Tuple[str, ...] = ("fastlin", "ibp")
@@ -113,11 +114,9 @@ flags.DEFINE_float("ada_gamma", 10.0, "kappa_mode=ada: gamma.")
 flags.DEFINE_float("kappa_final", 0.5, "Final weight kappa of the clean loss (kappa forms: "
                    "ibp, crown_ibp, bounded, dm with --lam_form=kappa); 1 -> kappa_final on "
                    "the eps ramp.")
-flags.DEFINE_bool("dm_domain", False, "Double Margin: intersect the start interval "
-                  "[x - eps, x + eps] with the data box [0, 1]. For dm/dm_s_only the start "
-                  "keeps z = x with s the clipped half width, so a pixel at 0 is modelled "
-                  "as [-eps/2, eps/2], not [0, eps]: harmful (docs/recipes.md). dm_ibp_v "
-                  "takes the clipped interval exactly.")
+flags.DEFINE_bool("dm_domain", None, "Double Margin: start from the ball intersected "
+                  "with the data box [0, 1] (dm/dm_s_only expand at the clipped interval's "
+                  "centre; dm_ibp_v takes it in its IBP part); default: the dataset's.")
 flags.DEFINE_enum("dm_loss", None, ["split", "worst_case"], "Double Margin's robust "
                   "term: 'split' (eq. 9, logsumexp(upper) - lower_y) or 'worst_case' "
                   "(CE of the worst-case logits, IBP's form); default: the dataset's.")
@@ -206,16 +205,15 @@ def build_config(defaults: DatasetDefaults):
   # other than Double Margin, --projections for one other than bounded, --adv for one
   # other than relu_stability) is an error naming both.
   method_kwargs = {}
-  if FLAGS.dm_domain:
-    method_kwargs["dm_domain"] = True
-  # A dataset's default dm_loss goes to the methods that read it; the flag to any method
-  # (so --dm_loss with --method=ibp is an error naming both).
-  # (A method's own default stays out of method_kwargs, so configs read as before.)
-  dm_loss = setting("dm_loss", defaults)
-  reads_dm_loss = "dm_loss" in methods.spec(method).options
-  if (FLAGS.dm_loss is not None and not reads_dm_loss) or (reads_dm_loss
-                                                           and dm_loss != "split"):
-    method_kwargs["dm_loss"] = dm_loss
+  # A dataset's default of a method option goes to the methods that read it; the flag
+  # to any method (so --dm_loss with --method=ibp is an error naming both). A method's
+  # own default stays out of method_kwargs, so configs read as before.
+  reads = methods.spec(method).options
+  for name, method_default in (("dm_loss", "split"), ("dm_domain", False)):
+    value = setting(name, defaults)
+    if ((getattr(FLAGS, name) is not None and name not in reads)
+        or (name in reads and value != method_default)):
+      method_kwargs[name] = value
   lam_form = setting("lam_form", defaults)
   if FLAGS.projections:
     method_kwargs["bounded_projections"] = FLAGS.projections

@@ -277,6 +277,28 @@ class InvariantTest(chex.TestCase):
         chex.assert_trees_all_close(m.lower, m.z - m.s, atol=1e-5 * scale)
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_data_box_start_is_the_clipped_interval(self):
+    """On the data box DM starts from [max(x - eps, 0), min(x + eps, 1)] itself: on a
+    net affine on the set (all ReLUs active), dm and s_only give v = 0, z = f(centre of
+    the clipped box) and [z - s, z + s] = IBP's exact range on the same box."""
+    model = dm_jax.get_model("small")
+    params = _positive_params(U.init_params(model, SMALL_IMG, seed=4))
+    x = U.nominal_inputs(SMALL_IMG, B, seed=5)  # ~30% exact zeros and some ones: clipped
+    eps, box = 0.1, (0.0, 1.0)
+    centre = (np.clip(x - eps, *box) + np.clip(x + eps, *box)) / 2
+    fn = self.variant(lambda p, x: [
+        dm_jax.double_margin(model.apply, p, x, eps, variant=v, domain=box)
+        for v in ("dm", "s_only")] + [
+        dm_jax.interval_bounds(model.apply, p, x, eps, domain=box)])
+    *dms, ib = fn(params, jnp.asarray(x))
+    scale = 1 + U.tree_max_abs(ib)
+    for m in dms:
+      chex.assert_trees_all_close(m.v, jnp.zeros_like(m.v), atol=1e-5 * scale)
+      _close(m.z, model.apply(params, jnp.asarray(centre)), "z = f(centre)")
+      _close(m.lower, ib.lower, "lower = IBP's on the box", rtol=1e-4)
+      _close(m.upper, ib.upper, "upper = IBP's on the box", rtol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_tiny_eps_stable_relus_gives_v_zero(self):
     model = dm_jax.get_model("small")
     params = U.init_params(model, SMALL_IMG, seed=6)
