@@ -166,6 +166,7 @@ def pgd_min_margin(apply_fn, params, x, y, eps, key, norm, steps=60, restarts=4,
   return best
 
 
+@pytest.mark.sweep
 def test_pgd_finds_adversarial_examples(trained):
   """The attack is not toothless: at a large radius it breaks most points."""
   apply_fn, params, x, y = trained
@@ -348,6 +349,7 @@ class _TinyMLP(nn.Module):
     return nn.Dense(3)(x)
 
 
+@pytest.mark.sweep
 def test_mip_contains_every_sound_certificate():
   model = _TinyMLP()
   rng = np.random.default_rng(0)
@@ -418,6 +420,7 @@ def test_negative_per_point_eps_rejected(trained):
               method="crown")
 
 
+@pytest.mark.sweep
 def test_table_monotone_pass_and_pgd_row(trained):
   """The monotone pass changes no number; the PGD row bounds every certifier from above
   and breaks no certified point (independent evidence: an attack, not the bounds)."""

@@ -528,8 +528,8 @@ def np_input(dom, x, eps, norm, k=None, domain=None):
     lo, hi = np.clip(lo, *domain), np.clip(hi, *domain)
   if isinstance(dom, Interval):
     return (lo, hi)
-  if isinstance(dom, DoubleMargin):  # z stays x; s_0 is the half width of the box
-    return (x, (hi - lo) / 2, np.zeros_like(x))
+  if isinstance(dom, DoubleMargin):  # expanded at the box's centre (x if not clipped)
+    return ((lo + hi) / 2, (hi - lo) / 2, np.zeros_like(x))
   if isinstance(dom, IbpPlusV):
     return (x, lo, hi, np.zeros_like(x))
   raise TypeError(dom)

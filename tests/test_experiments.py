@@ -31,6 +31,7 @@ def _need_mnist():
     pytest.skip("MNIST not available")
 
 
+@pytest.mark.sweep
 def test_mnist_end_to_end_and_resume(tmp_path):
   _need_mnist()
   workdir = tmp_path / "run"

@@ -523,6 +523,7 @@ class JitGradTest(chex.TestCase):
     np.testing.assert_allclose(an, fd, rtol=5e-2, atol=1e-2)
 
 
+@pytest.mark.sweep
 def test_grad_conv_crown_ibp_finite():
   """Gradient through a conv model's CROWN-IBP bound (the training path) is finite."""
   model = TinyConv()

@@ -122,6 +122,7 @@ def test_more_options_finite():
   _run("mmr", "small", norm="l2")
   _run("relu_stability", "small", norm="l1")
 
+@pytest.mark.sweep
 def test_linear_options_finite():
   _run("crown_ibp", "small", crown_ibp_beta="lam")
   _run("ibp", "small", ibp_margin=True)
@@ -401,6 +402,7 @@ def test_mmr_distances_by_hand():
   np.testing.assert_allclose(float(loss), ce + lam * (reg_b + reg_d), rtol=1e-5)
 
 
+@pytest.mark.sweep
 def test_mmr_eps_zero_is_ce():
   model, params, x, y = _mlp_setup()
   loss, _ = get_method("mmr", **{k: v for k, v in FAST.items() if k.startswith("mmr")}).loss(

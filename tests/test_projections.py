@@ -65,6 +65,7 @@ def test_first_estimated_layer_has_exact_centres():
   np.testing.assert_allclose((le + ue) / 2, (l + u) / 2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.sweep
 def test_margin_bounds_with_projections_are_close_and_keyed():
   model, params, x, y = _setup("small", (28, 28, 1))
   exact = linear.margin_lower_bounds(model.apply, params, x, y, 0.02, method="fastlin",
@@ -103,6 +104,7 @@ def test_projection_errors():
     get_method("bounded", bounded_projections=50, norm="l2")
 
 
+@pytest.mark.sweep
 def test_bounded_loss_with_projections_on_small():
   model, params, x, y = _setup("small", (28, 28, 1), n=4)
   method = get_method("bounded", bounded_projections=50)

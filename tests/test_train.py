@@ -150,6 +150,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     assert k in rec
 
 
+@pytest.mark.sweep
 def test_max_steps_then_resume(tmp_path):
   ds = _synthetic()
   full, _ = train_lib.train(_config(tmp_path, "a", epochs=2), ds, method=_CE(),
@@ -287,6 +288,7 @@ def _ibp_cert(state, cfg, ds, eps, n=200):
   return float(np.mean(cert & correct))
 
 
+@pytest.mark.sweep
 def test_dm_and_ibp_certify_better_than_normal_on_mnist(tmp_path):
   """MLP on 2000 MNIST examples, 40 epochs of 40 steps (~10 s per method on 2 cores):
   eps 0 for one epoch, ramp to eps_train = 0.2 by step 800; certify 200 test points at
@@ -327,6 +329,7 @@ def test_ada_kappa_config_errors(tmp_path):
     _config(tmp_path, "a", method="ibp", kappa_mode="sometimes").validate()
 
 
+@pytest.mark.sweep
 def test_ada_kappa_is_measured_each_epoch_and_resumes_exactly(tmp_path):
   ds = _synthetic()  # 200 train: 50 held out, 150 = 3 steps of 50 per epoch
   kw = dict(method="ibp", kappa_mode="ada", ada_holdout=50, checkpoint_every_steps=3)

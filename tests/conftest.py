@@ -1,0 +1,51 @@
+"""Which tests a plain ``pytest`` runs (the tiers are the markers in setup.cfg).
+
+* default, ``pytest``: one case of every test, a few minutes on 2 cores, for working;
+* ``sweep``: the other cases of every parametrised test, and the tests marked
+  ``@pytest.mark.sweep`` by hand (heavy end-to-end checks). ``pytest -m "not slow"``
+  runs them with the default tier; that is README's test command and what CI runs, so
+  every piece of evidence still runs before anything lands;
+* ``slow``: training runs and long sweeps that neither runs (``pytest -m slow``).
+
+The rule, applied here so that a new test needs no marking: the cases generated from
+one test function (``pytest.mark.parametrize``, absl's ``parameterized`` and
+``chex.variants`` alike) form a group; its first case, the jitted one where a case runs
+both jitted and eagerly, runs by default and the rest are ``sweep``. So the cheapest
+case goes first in a parameter list.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import pytest
+
+EAGER = "__without_jit"  # the suffix chex.variants gives the eager twin of a case
+
+
+def _origin(fn: Callable) -> Callable:
+  """The test function as written (absl and chex wrap it with functools.wraps)."""
+  while hasattr(fn, "__wrapped__"):
+    fn = fn.__wrapped__
+  return fn
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  groups: Dict[int, List[pytest.Item]] = {}
+  for item in items:
+    fn = getattr(item, "function", None)
+    if fn is None or item.get_closest_marker("slow") is not None:
+      continue
+    groups.setdefault(id(_origin(fn)), []).append(item)
+  for group in groups.values():
+    for item in sorted(group, key=_order)[1:]:
+      item.add_marker(pytest.mark.sweep)
+
+
+def _order(item: pytest.Item):
+  """Jitted before eager, then the order the cases were written in: pytest collects a
+  unittest class's methods sorted by name, but absl and chex add them to the class in
+  parameter order (sorted() is stable, so module-level cases keep collection order)."""
+  cls = getattr(item, "cls", None)
+  names = list(vars(cls)) if cls is not None else []
+  return item.name.endswith(EAGER), names.index(item.name) if item.name in names else 0
