@@ -33,8 +33,10 @@ flags.DEFINE_bool("list", False, "Print each run's command and whether it is don
 flags.DEFINE_bool("summary", False, "Print the table of finished runs (no training).")
 flags.DEFINE_string("data_dir", None, "Passed on as --data_dir.")
 flags.DEFINE_string("collect", None, "Copy the small result files of the finished runs "
-                    "(certified.json/.csv, metrics.jsonl, run.json) and summary.csv to "
-                    "COLLECT/<stage>/<recipe>/ (e.g. results/mnist); no training.")
+                    "(certified.json/.csv, metrics.jsonl, run.json) to "
+                    "COLLECT/<stage>/<recipe>/ (e.g. results/mnist) and rewrite "
+                    "COLLECT/<stage>/summary.csv from everything collected there; no "
+                    "training.")
 
 RESULT_FILES = ("certified.json", "certified.csv", "metrics.jsonl", "run.json")
 
@@ -101,9 +103,9 @@ def _selected(stage: str) -> Sequence[str]:
   return names
 
 
-def _row(stage: str, recipe: str) -> Dict[str, object]:
+def _row(stage: str, recipe: str, root: Path) -> Dict[str, object]:
   _, _, eps_cols, recipes = STAGES[stage]
-  workdir = Path(FLAGS.root) / stage / recipe
+  workdir = root / stage / recipe
   out: Dict[str, object] = {"recipe": recipe, "flags": " ".join(recipes[recipe])}
   cert = workdir / "certified.json"
   if not cert.exists():
@@ -126,8 +128,9 @@ def _row(stage: str, recipe: str) -> Dict[str, object]:
   return out
 
 
-def summary(stage: str) -> str:
-  rows = [_row(stage, r) for r in STAGES[stage][3]]
+def summary(stage: str, root: Path) -> str:
+  """The table of the runs under ``root/stage``, also written to its summary.csv."""
+  rows = [_row(stage, r, root) for r in STAGES[stage][3]]
   order = {"best": 0, "pgd": 1}
   cols = ["recipe", "status", "test_acc_10k", "clean"] + sorted(
       {k for r in rows for k in r if "@" in k},
@@ -141,7 +144,7 @@ def summary(stage: str) -> str:
 
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-  path = Path(FLAGS.root) / stage / "summary.csv"
+  path = root / stage / "summary.csv"
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols + ["flags"], extrasaction="ignore")
@@ -163,7 +166,6 @@ def collect(stage: str, names: Sequence[str], dest: Path) -> None:
     for name in RESULT_FILES:
       if (src / name).exists():
         shutil.copy2(src / name, out / name)
-  shutil.copy2(src_root / "summary.csv", dest / stage / "summary.csv")
   print(f"copied the finished runs' result files to {dest / stage}")
 
 
@@ -171,10 +173,14 @@ def run() -> None:
   if FLAGS.stage not in STAGES:
     raise ValueError(f"unknown --stage {FLAGS.stage!r}; expected one of {', '.join(STAGES)}")
   names = _selected(FLAGS.stage)
-  if FLAGS.summary or FLAGS.collect:
-    print(summary(FLAGS.stage))
-    if FLAGS.collect:
-      collect(FLAGS.stage, names, Path(FLAGS.collect))
+  if FLAGS.collect:
+    # The table of the collected folder: runs collected earlier (from other machines or
+    # sessions) keep their rows.
+    collect(FLAGS.stage, names, Path(FLAGS.collect))
+    print(summary(FLAGS.stage, Path(FLAGS.collect)))
+    return
+  if FLAGS.summary:
+    print(summary(FLAGS.stage, Path(FLAGS.root)))
     return
   for recipe in names:
     cmd = _command(FLAGS.stage, recipe)
@@ -189,7 +195,7 @@ def run() -> None:
     if rc != 0:
       raise RuntimeError(f"recipe {recipe} failed with exit code {rc}")
   if not FLAGS.list:
-    print(summary(FLAGS.stage))
+    print(summary(FLAGS.stage, Path(FLAGS.root)))
 
 
 def main(argv):
