@@ -1,5 +1,7 @@
 """Exceptions raised by dm_jax."""
 
+from dm_jax import primitives
+
 
 class UnsupportedPrimitiveError(NotImplementedError):
   """A traced model uses an operation that a bound domain cannot propagate.
@@ -15,8 +17,5 @@ class UnsupportedPrimitiveError(NotImplementedError):
            "when it depends on the perturbed input")
     if detail:
       msg += f": {detail}"
-    msg += (". Supported: affine maps (dot_general, conv_general_dilated, add/sub/mul/div "
-            "by constants, reshape, transpose, broadcast, concatenate, pad, reduce_sum, "
-            "avg pooling), ReLU (max with a constant), max pooling (reduce_window_max), "
-            "and calls (jit/custom_jvp) made of these.")
+    msg += f". Supported: {primitives.supported_summary()}."
     super().__init__(msg)

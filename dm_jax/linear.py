@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import conv, patches, propagation
+from dm_jax import conv, patches, primitives, propagation
 from dm_jax.errors import UnsupportedPrimitiveError
 from dm_jax.input_sets import InputSet, make_input_set, max_decrease
 from dm_jax.interval import Bounds, IntervalDomain
@@ -87,13 +87,14 @@ class Tape:
 
 def _classify(eqn, invals) -> Tuple[str, Any]:
   name = eqn.primitive.name
-  if name in propagation.AFFINE_PRIMITIVES:
+  tape = getattr(primitives.rule(name), "tape", None)
+  if tape == primitives.TAPE_AFFINE:
     return "affine", None
-  if name == "max" and len(invals) == 2:
+  if tape == primitives.TAPE_RELU and len(invals) == 2:
     is_abs = [isinstance(v, (Abstract, InputAffine)) for v in invals]
     if sum(is_abs) == 1:
       return "relu", invals[1 - is_abs.index(True)]
-  if name == "reduce_window_max":
+  if tape == primitives.TAPE_MAXPOOL:
     return "maxpool", None
   raise UnsupportedPrimitiveError(name, "linear (CROWN-family)")
 
@@ -215,9 +216,6 @@ def _transpose_rows(fn, A, primal):
   return jax.vmap(lambda a: t(a)[0], in_axes=1, out_axes=1)(A)
 
 
-_ZERO_OTHERS = frozenset({"add", "add_any", "sub", "concatenate", "pad"})
-
-
 def _affine_backward(entry: Entry, A, env_const):
   """Returns ([(node, A_node)], offset (B, R)) for an affine entry."""
   eqn = entry.eqn
@@ -225,13 +223,15 @@ def _affine_backward(entry: Entry, A, env_const):
   nodes = [(i, r[1]) for i, r in enumerate(entry.refs) if r[0] == "node"]
   primals = {i: env_const(node) for i, node in nodes}
 
+  prim = primitives.rule(name)
+
   def operand(j, i, t):
     kind, val = entry.refs[j]
     if j == i:
       return t
     if kind == "node":
       return jnp.zeros_like(primals[j])
-    if name in _ZERO_OTHERS or (name == "select_n" and j > 0):
+    if primitives.is_bias_operand(prim, j):
       return jnp.zeros_like(val)
     return val
 
@@ -252,8 +252,7 @@ def _affine_backward(entry: Entry, A, env_const):
   bias = eqn.primitive.bind(
       *[jnp.zeros_like(primals[j]) if r[0] == "node" else r[1]
         for j, r in enumerate(entry.refs)], **eqn.params)
-  offset = _sum_rows(A, bias) if name not in ("mul", "dot_general",
-                                              "conv_general_dilated", "div") else None
+  offset = None if prim.constants == primitives.COEFFICIENT else _sum_rows(A, bias)
   return out, offset
 
 
@@ -478,12 +477,12 @@ def _linear_part(entry: Entry, node_values: Dict[int, Any]):
   """The entry's equation with operand ``j`` replaced by ``node_values[j]`` for every
   input-dependent operand, and its bias (the constants added) set to zero."""
   eqn = entry.eqn
-  name = eqn.primitive.name
+  prim = primitives.rule(eqn.primitive.name)
   args = []
   for j, (kind, val) in enumerate(entry.refs):
     if kind == "node":
       args.append(node_values[j])
-    elif name in _ZERO_OTHERS or (name == "select_n" and j > 0):
+    elif primitives.is_bias_operand(prim, j):
       args.append(jnp.zeros_like(val))
     else:
       args.append(val)

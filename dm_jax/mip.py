@@ -14,7 +14,7 @@ flattened tensor. Variables are the perturbed input ``x'`` (and, for l1, the aux
 ``t >= |x' - x|``), then one continuous output variable (and its binaries) per *unstable*
 nonlinearity; affine layers are substituted, not given variables.
 
-- Affine primitives (the set of ``propagation.AFFINE_PRIMITIVES``: dot_general, conv,
+- Affine primitives (kind affine in :mod:`dm_jax.primitives`: dot_general, conv,
   add/sub/mul/div by constants, reshape, transpose, broadcast, concatenate, pad,
   reduce_sum, reduce_window_sum (average pooling), select_n with a constant selector, ...)
   are applied exactly: their Jacobian with respect to each input-dependent operand is
@@ -63,26 +63,16 @@ from scipy import sparse
 from scipy.optimize import Bounds as ScipyBounds
 from scipy.optimize import LinearConstraint, milp
 
-from dm_jax import interpreter
+from dm_jax import interpreter, primitives
 from dm_jax.errors import UnsupportedPrimitiveError
 from dm_jax.input_sets import make_input_set
-from dm_jax.propagation import AFFINE_PRIMITIVES
 
 DOMAIN_NAME = "MIP"
 SUPPORTED_NORMS = ("linf", "l1")
 
-# Affine in their first operand only (the others are shapes/indices/constants).
-_FIRST_ONLY = frozenset({
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
-    "convert_element_type", "reduce_sum", "reduce_window_sum", "rev", "slice", "copy",
-    "copy_p", "reduce_precision", "dynamic_slice", "cumsum", "div"})
-# Bilinear: affine when exactly one operand depends on the input.
-_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
-# Jointly affine in all their data operands.
-_JOINT = frozenset({"add", "add_any", "sub", "neg", "concatenate", "pad"})
-_AFFINE = AFFINE_PRIMITIVES | {"dynamic_update_slice"}
+_AFFINE = primitives.names(kind=primitives.AFFINE)
 # Unary primitives whose every output is the maximum of a fixed subset of the inputs.
-_MAX_SELECT = frozenset({"reduce_window_max", "reduce_max", "cummax"})
+_MAX_SELECT = primitives.names(mip_max=True)
 
 
 # --------------------------------------------------------------------------- results
@@ -298,14 +288,9 @@ def _affine(eqn, invals, cache: Dict, n_vars: int) -> MipExpr:
   name = eqn.primitive.name
   idx = [i for i, v in enumerate(invals) if isinstance(v, MipExpr)]
   fail = lambda detail: UnsupportedPrimitiveError(name, DOMAIN_NAME, detail)
-  if name in _BILINEAR and len(idx) != 1:
-    raise fail("both operands depend on the input (not affine)")
-  if name in _FIRST_ONLY and idx != [0]:
-    raise fail("only the first operand may depend on the input")
-  if name == "select_n" and 0 in idx:
-    raise fail("the selector depends on the input")
-  if name == "dynamic_update_slice" and any(i > 1 for i in idx):
-    raise fail("the indices depend on the input")
+  prim = primitives.rule(name)
+  if not primitives.operands_allowed(prim, idx):
+    raise fail(primitives.OPERAND_ERRORS[prim.operands])
   key = (id(eqn), tuple(idx))
   if key not in cache:
     cache[key] = _jacobians(eqn, invals, idx)

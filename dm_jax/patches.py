@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dm_jax import primitives
 from dm_jax.conv import conv_input_transpose, is_nhwc_conv
 from dm_jax.input_sets import max_decrease
 
-_ELEMENTWISE_CONST = frozenset({"add", "sub", "add_any", "mul", "div"})
-_PASS_THROUGH = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision"})
+_ELEMENTWISE_CONST = primitives.names(patch=primitives.PATCH_ELEMENTWISE)
+_PASS_THROUGH = primitives.names(patch=primitives.PATCH_PASS)
 
 
 # Windows whose transpose matrix has at most this many entries use a GEMM (_conv_back).
@@ -109,7 +110,7 @@ def supported(tape, target) -> bool:
         return False
       if any(shapes[n] != shapes[e.out] for _, n in nodes):
         return False
-    elif name == "neg" or name in _PASS_THROUGH:
+    elif name in primitives.names(patch=primitives.PATCH_NEG) | _PASS_THROUGH:
       pass
     else:
       return False

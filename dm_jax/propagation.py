@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import conv, interpreter
+from dm_jax import conv, interpreter, primitives
 from dm_jax.errors import UnsupportedPrimitiveError
 from dm_jax.input_sets import TINY, InputSet, l0_moves, topk_sum
 
@@ -75,16 +75,9 @@ class ForwardDomain:
 
 # ----------------------------------------------------------------------------- affine
 
-# Linear in their single operand, with non-negative coefficients (or a permutation):
-# the same op maps every centre and every radius.
-_STRUCTURAL = frozenset({
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
-    "convert_element_type", "reduce_sum", "reduce_window_sum", "rev", "slice", "copy",
-    "copy_p", "reduce_precision", "dynamic_slice", "cumsum"})
-_BILINEAR = frozenset({"mul", "dot_general", "conv_general_dilated"})
-_ADDITIVE = frozenset({"add", "add_any", "sub"})
-AFFINE_PRIMITIVES = _STRUCTURAL | _BILINEAR | _ADDITIVE | frozenset(
-    {"neg", "div", "concatenate", "pad", "select_n"})
+# The forward domains' affine primitives (dm_jax.primitives: kind affine, with a
+# forward rule).
+AFFINE_PRIMITIVES = primitives.names(kind=primitives.AFFINE) - primitives.names(forward=None)
 
 
 def _bind(eqn, *args):
@@ -121,23 +114,22 @@ def affine(eqn, invals: List[Any], domain_name: str) -> Abstract:
   def fail(detail):
     raise UnsupportedPrimitiveError(name, domain_name, detail)
 
+  prim = primitives.rule(name)
+  if not primitives.operands_allowed(prim, idx):
+    fail(primitives.OPERAND_ERRORS[prim.operands])
   fast_conv = _fast_conv(eqn) if idx == [0] else None
   if fast_conv is not None:  # training differentiates through these convolutions
     centres = tuple(fast_conv(*centres_at(j)) for j in range(n_c))
   else:
     centres = tuple(_bind(eqn, *centres_at(j)) for j in range(n_c))
-  if name in _STRUCTURAL:
-    if idx != [0]:
-      fail("only the first operand may depend on the input")
+  if prim.forward == primitives.MAP:
     radii = tuple(_bind(eqn, r, *invals[1:]) for r in first.radii)
-  elif name == "neg":
+  elif prim.forward == primitives.NEG:
     radii = first.radii
-  elif name in _ADDITIVE:
+  elif prim.forward == primitives.SUM:
     radii = tuple(
         jnp.broadcast_to(sum(invals[i].radii[j] for i in idx), shape) for j in range(n_r))
-  elif name in _BILINEAR:
-    if len(idx) != 1:
-      fail("both operands depend on the input (not affine)")
+  elif prim.forward == primitives.ABS:
     i = idx[0]
     absconst = jnp.abs(invals[1 - i])
 
@@ -147,21 +139,17 @@ def affine(eqn, invals: List[Any], domain_name: str) -> Abstract:
       return _bind(eqn, *((r, absconst) if i == 0 else (absconst, r)))
 
     radii = tuple(with_radius(r) for r in first.radii)
-  elif name == "div":
-    if idx != [0]:
-      fail("division by an input-dependent value (not affine)")
+  elif prim.forward == primitives.DIV:
     radii = tuple(jnp.broadcast_to(r / jnp.abs(invals[1]), shape) for r in first.radii)
-  elif name == "concatenate":
+  elif prim.forward == primitives.CONCAT:
     radii = tuple(
         _bind(eqn, *[v.radii[j] if isinstance(v, Abstract) else jnp.zeros_like(v)
                      for v in invals]) for j in range(n_r))
-  elif name == "pad":
+  elif prim.forward == primitives.PAD:
     if idx != [0]:
       fail("the padding value depends on the input")
     radii = tuple(_bind(eqn, r, jnp.zeros_like(invals[1])) for r in first.radii)
-  elif name == "select_n":
-    if 0 in idx:
-      fail("the selector depends on the input")
+  elif prim.forward == primitives.SELECT:
     radii = tuple(
         _bind(eqn, invals[0], *[v.radii[j] if isinstance(v, Abstract)
                                 else jnp.zeros_like(v) for v in invals[1:]])
@@ -172,10 +160,6 @@ def affine(eqn, invals: List[Any], domain_name: str) -> Abstract:
 
 
 # -------------------------------------------------------------------------- monotone
-
-_MONOTONE_UNARY = frozenset({"reduce_window_max", "reduce_max", "tanh", "logistic",
-                             "cummax"})
-
 
 @jax.custom_jvp
 def _relu(t):
@@ -202,13 +186,14 @@ def monotone_function(eqn, invals) -> Optional[Tuple[Callable, int, bool]]:
   domains report as ReLU pre-activations.
   """
   name = eqn.primitive.name
+  prim = primitives.rule(name)
   idx = [i for i, v in enumerate(invals) if isinstance(v, Abstract)]
-  if len(idx) != 1:
+  if prim is None or len(idx) != 1 or not primitives.operands_allowed(prim, idx):
     return None
   i = idx[0]
-  if name in _MONOTONE_UNARY and i == 0 and len(invals) == 1:
+  if prim.forward == primitives.UNARY and len(invals) == 1:
     return (lambda t: _bind(eqn, t)), 0, False
-  if name in ("max", "min"):
+  if prim.forward == primitives.EXTREMUM:
     other = invals[1 - i]
     is_relu = False
     if name == "max" and not isinstance(other, jax.core.Tracer):
@@ -218,16 +203,14 @@ def monotone_function(eqn, invals) -> Optional[Tuple[Callable, int, bool]]:
       out_shape = eqn.outvars[0].aval.shape
       return (lambda t: jnp.broadcast_to(_relu(t), out_shape)), i, True
     return (lambda t: _bind(eqn, *((t, other) if i == 0 else (other, t)))), i, is_relu
-  if name == "clamp" and i == 1:  # clamp(lo, x, hi) with constant lo, hi
+  if prim.forward == primitives.CLAMPED:  # clamp(lo, x, hi) with constant lo, hi
     return (lambda t: _bind(eqn, invals[0], t, invals[2])), 1, False
   return None
 
 
 # ---------------------------------------------------------- exact first linear layer
 
-_SYMBOLIC_STRUCTURAL = frozenset({"reshape", "transpose", "squeeze", "expand_dims",
-                                  "convert_element_type", "rev", "copy", "copy_p",
-                                  "slice", "reduce_precision"})
+_SYMBOLIC_STRUCTURAL = primitives.names(symbolic=True)
 
 
 def _dot_general_expand(eqn, lhs, rhs):

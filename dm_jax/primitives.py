@@ -1,0 +1,190 @@
+"""What dm_jax knows about each JAX primitive, in one table.
+
+Every bound domain reads this table instead of keeping its own sets: the forward domains
+(interval, Double Margin) in :mod:`dm_jax.propagation`, the linear (CROWN-family) tape
+and backward pass in :mod:`dm_jax.linear`, the windowed backward pass in
+:mod:`dm_jax.patches`, the exact MIP in :mod:`dm_jax.mip`, and the message of
+:class:`dm_jax.errors.UnsupportedPrimitiveError`. A primitive not listed here is
+unsupported wherever it depends on the perturbed input (it is evaluated as usual where
+it does not: on weights, shapes, constants).
+
+Adding a primitive: one ``Rule`` in :data:`RULES`; then, only if its ``forward`` rule is
+new, one branch in ``propagation.affine`` (affine maps) or ``propagation.monotone_function``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, FrozenSet, Optional
+
+# kind: what the primitive is, as a function of its input-dependent operands.
+AFFINE = "affine"        # affine (linear part + offset)
+MONOTONE = "monotone"    # non-decreasing in its one operand (element-wise or a window max)
+MAX_MIN = "max_min"      # max/min with a constant: ReLU when max(x, 0)
+CLAMP = "clamp"          # clamp(lo, x, hi), constant lo and hi
+
+# operands: which operands may depend on the input (checked by every domain).
+FIRST = "first"          # only operand 0 (the others are indices, shapes, divisors, ...)
+ONE = "one"              # exactly one of the two (a bilinear map with one operand fixed)
+ANY = "any"              # any of them: jointly affine
+DATA = "data"            # any but operand 0 (select_n: the selector)
+NOT_INDICES = "not_indices"  # operands 0 and 1, not the start indices (dynamic_update_slice)
+MIDDLE = "middle"        # operand 1 only (clamp(lo, x, hi))
+
+# constants: the role of an operand that does not depend on the input, in an affine map.
+COEFFICIENT = "coefficient"  # it multiplies the input: the map has no offset (mul, dot, div)
+BIAS = "bias"                # it is added: zero in the linear part, its value the offset
+INDEX = "index"              # an index or shape: kept as it is, no offset
+
+# forward: the rule of the forward domains (propagation.affine / monotone_function).
+MAP = "map"              # the same op maps every centre and every radius (|coefficients| = 1)
+NEG = "neg"              # radii unchanged
+SUM = "sum"              # radii add up
+ABS = "abs"              # radii through the op with the constant operand's absolute value
+DIV = "div"              # radii divided by |divisor|
+CONCAT = "concatenate"   # radii concatenated, a constant operand has radius 0
+PAD = "pad"              # radii padded with 0
+SELECT = "select"        # radii selected, a constant case has radius 0
+UNARY = "unary"          # monotone g applied to the bounds (MONOTONE kind)
+EXTREMUM = "extremum"    # max/min with a constant (MAX_MIN kind)
+CLAMPED = "clamped"      # clamp with constant ends (CLAMP kind)
+
+# tape: how the linear (CROWN-family) methods record it; None: they do not support it.
+TAPE_AFFINE, TAPE_RELU, TAPE_MAXPOOL = "affine", "relu", "maxpool"
+
+# patch: the windowed backward pass (dm_jax.patches) for conv stacks; None: dense only.
+PATCH_PASS = "pass"              # identity on values (dtype casts, copies)
+PATCH_ELEMENTWISE = "elementwise"  # element-wise with a same-shape or broadcast constant
+PATCH_CONV = "conv"              # NHWC convolution of the input-dependent lhs
+PATCH_NEG = "neg"                # negation
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One primitive's facts (see the constants above for each field's values).
+
+  Attributes:
+    kind: AFFINE, MONOTONE, MAX_MIN or CLAMP.
+    operands: which operands may depend on the perturbed input.
+    constants: the role of the constant operands of an affine map (None otherwise).
+    forward: the forward domains' rule, or None where only the MIP supports it.
+    tape: how the linear methods record it, or None where they do not support it.
+    symbolic: passes the exact first-layer value (an affine function of the input)
+      coordinate by coordinate (a permutation or selection), so a row norm stays exact.
+    patch: the windowed backward pass's rule, or None.
+    mip_max: the MIP encodes it as a max over fixed subsets of its input (MONOTONE only).
+  """
+  kind: str
+  operands: str = ANY
+  constants: Optional[str] = None
+  forward: Optional[str] = None
+  tape: Optional[str] = None
+  symbolic: bool = False
+  patch: Optional[str] = None
+  mip_max: bool = False
+
+
+def _structural(symbolic: bool = False, patch: Optional[str] = None) -> Rule:
+  return Rule(AFFINE, FIRST, INDEX, MAP, TAPE_AFFINE, symbolic=symbolic, patch=patch)
+
+
+RULES: Dict[str, Rule] = {
+    # Shape and dtype changes, reductions by sums: linear in operand 0 with coefficients
+    # 0/1, so the same op maps a radius.
+    "reshape": _structural(symbolic=True),
+    "transpose": _structural(symbolic=True),
+    "squeeze": _structural(symbolic=True),
+    "expand_dims": _structural(symbolic=True),
+    "rev": _structural(symbolic=True),
+    "slice": _structural(symbolic=True),
+    "convert_element_type": _structural(symbolic=True, patch=PATCH_PASS),
+    "copy": _structural(symbolic=True, patch=PATCH_PASS),
+    "copy_p": _structural(symbolic=True, patch=PATCH_PASS),
+    "reduce_precision": _structural(symbolic=True, patch=PATCH_PASS),
+    "broadcast_in_dim": _structural(),
+    "reduce_sum": _structural(),
+    "reduce_window_sum": _structural(),
+    "dynamic_slice": _structural(),
+    "cumsum": _structural(),
+    # Bilinear: affine when exactly one operand depends on the input.
+    "mul": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "dot_general": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE),
+    "conv_general_dilated": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE,
+                                 patch=PATCH_CONV),
+    "div": Rule(AFFINE, FIRST, COEFFICIENT, DIV, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    # Jointly affine; constant operands are offsets.
+    "add": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "add_any": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "sub": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "neg": Rule(AFFINE, ANY, BIAS, NEG, TAPE_AFFINE, patch=PATCH_NEG),
+    "concatenate": Rule(AFFINE, ANY, BIAS, CONCAT, TAPE_AFFINE),
+    # (Jointly linear in the operand and the padding value; the forward PAD rule takes a
+    # constant padding value only.)
+    "pad": Rule(AFFINE, ANY, BIAS, PAD, TAPE_AFFINE),
+    "select_n": Rule(AFFINE, DATA, BIAS, SELECT, TAPE_AFFINE),
+    "dynamic_update_slice": Rule(AFFINE, NOT_INDICES, BIAS),  # the MIP only
+    # Non-decreasing in their one operand.
+    "reduce_window_max": Rule(MONOTONE, FIRST, forward=UNARY, tape=TAPE_MAXPOOL,
+                              mip_max=True),
+    "reduce_max": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
+    "cummax": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
+    "tanh": Rule(MONOTONE, FIRST, forward=UNARY),
+    "logistic": Rule(MONOTONE, FIRST, forward=UNARY),
+    # (The MIP also encodes max/min of two input-dependent tensors; the forward and
+    # linear domains take one with a constant.)
+    "max": Rule(MAX_MIN, ANY, forward=EXTREMUM, tape=TAPE_RELU),
+    "min": Rule(MAX_MIN, ANY, forward=EXTREMUM),
+    "clamp": Rule(CLAMP, MIDDLE, forward=CLAMPED),
+}
+
+# What an operand check that fails says (the primitive and domain are named around it).
+OPERAND_ERRORS = {
+    FIRST: "only the first operand may depend on the input",
+    ONE: "both operands depend on the input (not affine)",
+    DATA: "the selector depends on the input",
+    NOT_INDICES: "the indices depend on the input",
+}
+
+
+def rule(name: str) -> Optional[Rule]:
+  """The primitive's :class:`Rule`, or None where no domain supports it."""
+  return RULES.get(name)
+
+
+def names(**fields) -> FrozenSet[str]:
+  """The primitives whose rule has every given field value, e.g. ``names(kind=AFFINE)``."""
+  return frozenset(n for n, r in RULES.items()
+                   if all(getattr(r, f) == v for f, v in fields.items()))
+
+
+def operands_allowed(r: Rule, idx) -> bool:
+  """Whether the input-dependent operand positions ``idx`` are allowed by ``r``."""
+  idx = list(idx)
+  if r.operands == FIRST:
+    return idx == [0]
+  if r.operands == ONE:
+    return len(idx) == 1
+  if r.operands == DATA:
+    return 0 not in idx
+  if r.operands == NOT_INDICES:
+    return all(i <= 1 for i in idx)
+  if r.operands == MIDDLE:
+    return idx == [1]
+  return True
+
+
+def is_bias_operand(r: Rule, j: int) -> bool:
+  """Whether constant operand ``j`` of an affine map is added to the output (so it is 0
+  in the map's linear part and its value is the offset), not a coefficient or index."""
+  return r.constants == BIAS and not (r.operands == DATA and j == 0)
+
+
+def supported_summary() -> str:
+  """The supported primitives in words, for error messages (read from :data:`RULES`)."""
+  def listed(ns):
+    return ", ".join(sorted(ns))
+  affine = names(kind=AFFINE) - names(forward=None)
+  monotone = names(kind=MONOTONE)
+  return (f"affine maps ({listed(affine)}; mul/div by constants), ReLU and other max/min "
+          f"with a constant, clamp with constant ends, non-decreasing maps "
+          f"({listed(monotone)}; the linear methods take ReLU and reduce_window_max "
+          "only), and calls (jit/custom_jvp) made of these")
