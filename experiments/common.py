@@ -114,6 +114,8 @@ flags.DEFINE_float("ada_gamma", 10.0, "kappa_mode=ada: gamma.")
 flags.DEFINE_float("kappa_final", 0.5, "Final weight kappa of the clean loss (kappa forms: "
                    "ibp, crown_ibp, bounded, dm with --lam_form=kappa); 1 -> kappa_final on "
                    "the eps ramp.")
+flags.DEFINE_string("eps_grid", None, "Comma-separated radii of the certification table, "
+                    "increasing (fractions like 8/255 accepted); default: the dataset's.")
 flags.DEFINE_bool("dm_domain", None, "Double Margin: start from the ball intersected "
                   "with the data box [0, 1] (dm/dm_s_only expand at the clipped interval's "
                   "centre; dm_ibp_v takes it in its IBP part); default: the dataset's.")
@@ -135,6 +137,19 @@ def parse_number(text: str, what: str) -> float:
   except (ValueError, ZeroDivisionError):
     raise ValueError(f"--{what} must be a number (e.g. 0.3 or 8/255); got {text!r}") from None
   return value
+
+
+def eps_grid(defaults: DatasetDefaults) -> Tuple[Tuple[float, ...], Tuple[str, ...]]:
+  """The certification table's radii and their labels: ``--eps_grid`` or the dataset's."""
+  if FLAGS.eps_grid is None:
+    return defaults.eps_grid, defaults.eps_grid_label
+  labels = tuple(t.strip() for t in FLAGS.eps_grid.split(",") if t.strip())
+  grid = tuple(parse_number(t, "eps_grid") for t in labels)
+  if not grid:
+    raise ValueError("--eps_grid needs at least one radius")
+  if any(e < 0 for e in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
+    raise ValueError(f"--eps_grid must be increasing radii >= 0; got {FLAGS.eps_grid!r}")
+  return grid, labels
 
 
 def parse_steps(text: Optional[str], what: str, count: Optional[int] = None):
@@ -300,6 +315,7 @@ def run(defaults: DatasetDefaults) -> None:
 
   t_start = time.time()
   config = build_config(defaults)
+  grid, grid_labels = eps_grid(defaults)
   cert_methods = (tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
                   if FLAGS.cert_methods is not None else defaults.cert_methods)
   num_cert_points = setting("num_cert_points", defaults)
@@ -331,7 +347,7 @@ def run(defaults: DatasetDefaults) -> None:
               attack_certified=FLAGS.pgd_attack_certified)
          if FLAGS.pgd_restarts and config.norm in ("linf", "l2") else None)
   t1 = time.time()
-  table, text = certify_table(apply_fn, state.params, x, y, defaults.eps_grid, cert_methods,
+  table, text = certify_table(apply_fn, state.params, x, y, grid, cert_methods,
                               config.norm, FLAGS.cert_batch_size, defaults.eps_scale,
                               FLAGS.progress, cert_domain, pgd)
   cert_time = time.time() - t1
@@ -342,7 +358,7 @@ def run(defaults: DatasetDefaults) -> None:
             f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g} "
             f"kappa_final={config.kappa_final:g}; "
             f"input set: {'ball and box [0, 1]' if cert_domain else 'ball'}; "
-            f"eps grid: {', '.join(defaults.eps_grid_label)}")
+            f"eps grid: {', '.join(grid_labels)}")
   print(header)
   print(text, flush=True)
   info = {"dataset": defaults.dataset, "method": config.method, "arch": config.arch,
@@ -354,7 +370,7 @@ def run(defaults: DatasetDefaults) -> None:
           "step": int(state.step), "config": config.to_json(),
           "pgd": pgd, "command": command_line(defaults.dataset),
           "machine": provenance.machine_info()}
-  write_table(workdir, table, defaults.eps_grid, defaults.eps_grid_label, info)
+  write_table(workdir, table, grid, grid_labels, info)
   print(f"wrote {workdir / 'certified.json'} and {workdir / 'certified.csv'}", flush=True)
 
 

@@ -50,7 +50,9 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   assert table["cert_domain"] == [0.0, 1.0] and "pgd" in table["table"]
   assert table["command"].startswith("python -m experiments.mnist --epochs=1")
   rows = list(csv.reader((workdir / "certified.csv").open()))
-  assert rows[0][0] == "certifier" and len(rows[0]) == 10
+  # MNIST's grid is the paper's Table 2 columns: 0, .1, .2, .3
+  assert table["eps_grid"] == [0.0, 0.1, 0.2, 0.3]
+  assert rows[0][0] == "certifier" and len(rows[0]) == 1 + len(table["eps_grid"])
   assert {row[0] for row in rows[1:]} >= {"fastlin", "ibp", "best"}
   metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert metrics[-1]["step"] == 5 and "ibp_cert_acc" in metrics[-1]
@@ -83,6 +85,7 @@ def test_mnist_small_cnn_brief_command(tmp_path):
     ("experiments.mnist", "--method=ibp --dm_domain", "dm_domain"),
     ("experiments.mnist", "--kappa_final=1.5", "kappa_final"),
     ("experiments.mnist", "--pgd_steps=0", "pgd_steps"),
+    ("experiments.mnist", "--eps_grid=0.3,0.1", "eps_grid"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, module, flag, needle):
   r = _run([module, *flag.split(), f"--workdir={tmp_path / 'w'}"], timeout=120)
