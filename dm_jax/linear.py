@@ -763,6 +763,13 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
   return jnp.zeros((x.shape[0], num_classes), b.lower.dtype).at[rows, others].set(b.lower)
 
 
+def worst_margin(lb: jax.Array, y: jax.Array) -> jax.Array:
+  """``min_{j != y} lb_j``: (B,) from (B, K) margin lower bounds (as returned by
+  :func:`margin_lower_bounds`); a point is certified exactly where it is > 0."""
+  return jnp.min(jnp.where(jax.nn.one_hot(y, lb.shape[-1], dtype=bool), jnp.inf, lb),
+                 axis=-1)
+
+
 def relu_input_bounds(apply_fn, params, x, eps, norm="linf", *, method="crown",
                       k=None, domain=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
   """Bounds (lower, upper) of every ReLU input, in execution order, with ``method``'s

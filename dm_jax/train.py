@@ -301,7 +301,7 @@ class Evaluator:
 
   def __init__(self, config: TrainConfig, apply_fn, dataset):
     from dm_jax.double_margin import double_margin
-    from dm_jax.linear import margin_lower_bounds
+    from dm_jax.linear import margin_lower_bounds, worst_margin
     self.config = config
     n_test = dataset.num_test if config.eval_test_examples is None else min(
         config.eval_test_examples, dataset.num_test)
@@ -321,8 +321,7 @@ class Evaluator:
       # IBP with the margin specification folded into the last affine layer.
       lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp",
                                domain=domain)
-      lb = jnp.where(jax.nn.one_hot(y, lb.shape[-1], dtype=bool), jnp.inf, lb)
-      certified = jnp.min(lb, axis=-1) > 0
+      certified = worst_margin(lb, y) > 0
       correct = jnp.argmax(apply_fn(params, x), -1) == y
       m = double_margin(apply_fn, params, x, eps, norm)
       return (jnp.mean((certified & correct).astype(jnp.float32)),
