@@ -359,9 +359,9 @@ def _json_safe(value):
   return value
 
 
-def _default_workdir(config: TrainConfig) -> str:
-  method = config.method.replace("*", "star")
-  return f"./runs/{config.dataset}_{method}_{config.arch}_eps{config.eps_train:g}"
+def default_workdir(dataset: str, method: str, arch: str, eps_train: float) -> str:
+  """Where a run goes when no workdir is given: ./runs/<dataset>_<method>_<arch>_eps<eps>."""
+  return f"./runs/{dataset}_{method.replace('*', 'star')}_{arch}_eps{eps_train:.4g}"
 
 
 def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
@@ -415,7 +415,8 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   if method is None:
     method = _get_method(config)
   do_prune = config.prune or bool(getattr(method, "prune", False))
-  workdir = Path(config.workdir or _default_workdir(config))
+  workdir = Path(config.workdir or default_workdir(config.dataset, config.method,
+                                                   config.arch, config.eps_train))
   workdir.mkdir(parents=True, exist_ok=True)
   metrics_path = workdir / "metrics.jsonl"
 

@@ -176,7 +176,7 @@ def build_config(defaults: DatasetDefaults):
   """Validates the flags and returns a :class:`dm_jax.train.TrainConfig`."""
   from dm_jax import methods
   from dm_jax.models import _REGISTRY
-  from dm_jax.train import TrainConfig
+  from dm_jax.train import TrainConfig, default_workdir
   from dm_jax.input_sets import canonical_norm
 
   method = FLAGS.method
@@ -237,8 +237,7 @@ def build_config(defaults: DatasetDefaults):
                        lam_form=lam_form, **method_kwargs)
   except ValueError as e:
     raise ValueError(f"--method={method}: {e}") from None
-  workdir = FLAGS.workdir or (f"./runs/{defaults.dataset}_{method.replace('*', 'star')}_"
-                              f"{arch}_eps{eps:.4g}")
+  workdir = FLAGS.workdir or default_workdir(defaults.dataset, method, arch, eps)
   config = TrainConfig(
       dataset=defaults.dataset, arch=arch, method=method, norm=norm, l1=FLAGS.l1,
       prune=FLAGS.prune, adv=FLAGS.adv, lam_form=lam_form, eps_train=eps,
