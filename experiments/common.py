@@ -43,6 +43,7 @@ class DatasetDefaults:
   augment: bool = False
   eps_scale: float = 1.0      # table columns in units of 1/eps_scale (255 for /255 grids)
   # The training recipe and certification a flag left unset takes (docs/recipes.md).
+  method: str = "dm"
   lam_form: str = "paper"
   dm_loss: str = "split"
   dm_domain: bool = False
@@ -52,8 +53,9 @@ class DatasetDefaults:
   num_cert_points: int = 200
 
 
-flags.DEFINE_string("method", "dm", "Training method (dm_jax.methods.METHODS, or an "
-                    "alias: 'dm*' = Double Margin with final lambda 1).")
+flags.DEFINE_string("method", None, "Training method (dm_jax.methods.METHODS, or an "
+                    "alias: 'dm*' = Double Margin with final lambda 1); default: the "
+                    "dataset's.")
 flags.DEFINE_string("arch", None, "Architecture (dm_jax.ARCHITECTURES or mlp/small_s2); "
                     "default: the dataset's.")
 flags.DEFINE_string("eps", None, "Training radius eps_train (in [0, 1] pixel units; "
@@ -179,7 +181,7 @@ def build_config(defaults: DatasetDefaults):
   from dm_jax.train import TrainConfig, default_workdir
   from dm_jax.input_sets import canonical_norm
 
-  method = FLAGS.method
+  method = setting("method", defaults)
   if method not in methods.names(aliases=True):
     raise ValueError(f"unknown --method {method!r}; expected one of "
                      f"{', '.join(methods.names(aliases=True))}")
