@@ -18,6 +18,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments import grids
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir (holding checkpoints/) or its "
                     "checkpoints/ directory.")
@@ -25,7 +27,8 @@ flags.DEFINE_string("dataset", None, "Dataset; default: the one the checkpoint w
 flags.DEFINE_string("methods", "relu,ada,zero,ibp", "Certifiers: relu (fastlin), ada "
                     "(crown), zero, ibp, crown_ibp, mip.")
 flags.DEFINE_string("eps_grid", None, "Comma-separated eps values (fractions like 8/255 "
-                    "accepted); default: the paper's grid for the dataset.")
+                    "accepted), increasing; default: the dataset's curve grid "
+                    "(experiments/grids.py).")
 flags.DEFINE_integer("num_points", 200, "Random test points (0: all).")
 flags.DEFINE_integer("seed", 0, "Seed of the random test points.")
 flags.DEFINE_string("norm", None, "linf, l2, l1 or l0; default: the training norm.")
@@ -36,11 +39,6 @@ flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR)
 flags.DEFINE_string("output_dir", None, "Where to write the table (default: checkpoint dir).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-_GRIDS = {"mnist": ("0,0.01,0.03,0.05,0.07,0.1,0.2,0.3,0.4", 1.0, "eps"),
-          "cifar10": ("0,0.5/255,1/255,2/255,3/255,5/255,7/255,8/255,9/255", 255.0, "eps*255"),
-          "gtsrb": ("0,0.5/255,1/255,2/255,3/255,5/255,7/255,8/255,9/255", 255.0, "eps*255")}
-
-
 def _read_config(ckpt_dir: Path) -> dict:
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(ckpt_dir.resolve())
@@ -49,15 +47,6 @@ def _read_config(ckpt_dir: Path) -> dict:
     raise ValueError(f"no checkpoint found in {ckpt_dir}")
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   return dict(meta["config"])
-
-
-def parse_number(text: str, what: str) -> float:
-  """'0.3' or '8/255' -> float."""
-  from fractions import Fraction
-  try:
-    return float(Fraction(text.strip()))
-  except (ValueError, ZeroDivisionError):
-    raise ValueError(f"--{what}: {text!r} is not a number") from None
 
 
 def run() -> None:
@@ -75,10 +64,10 @@ def run() -> None:
   config = train_lib.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
                                     for k, v in cfg.items()})
   dataset_name = FLAGS.dataset or config.dataset
-  grid_text, eps_scale, eps_label = _GRIDS.get(dataset_name, _GRIDS["mnist"])
-  eps_grid = [parse_number(e, "eps_grid") for e in (FLAGS.eps_grid or grid_text).split(",")]
-  if any(e < 0 for e in eps_grid):
-    raise ValueError("--eps_grid values must be >= 0")
+  grid = grids.CURVE.get(dataset_name, grids.CURVE["mnist"])
+  if FLAGS.eps_grid:
+    grid = grids.parse_grid(FLAGS.eps_grid, "eps_grid", grid.scale)
+  eps_grid, eps_scale, eps_label = list(grid.eps), grid.scale, grid.column_label
   methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
   for m in methods:
     certify.canonical_certifier(m)

@@ -10,13 +10,12 @@ flip augmentation. Certified on eps 0, .5, 1, 2, 3, 5, 7, 8, 9 (/255).
 """
 from absl import app
 
-from experiments import common
+from experiments import common, grids
 
-LABELS = ("0", "0.5", "1", "2", "3", "5", "7", "8", "9")
+GRID = grids.TABLE["cifar10"]
 DEFAULTS = common.DatasetDefaults(
     dataset="cifar10", arch="small", eps=8 / 255, epochs=350, batch_size=50, lr=5e-4,
-    eps_grid=tuple(float(v) / 255 for v in LABELS),
-    eps_grid_label=tuple(f"{v}/255" for v in LABELS), eps_scale=255.0, normalize=True,
+    eps_grid=GRID.eps, eps_grid_label=GRID.labels, eps_scale=GRID.scale, normalize=True,
     augment=True)
 
 

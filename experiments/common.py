@@ -20,11 +20,13 @@ import json
 import math
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
+
+from experiments import grids
+from experiments.grids import parse_number
 
 FLAGS = flags.FLAGS
 
@@ -132,26 +134,12 @@ flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examp
                      "out to measure the losses.")
 
 
-def parse_number(text: str, what: str) -> float:
-  """'0.3', '8/255' -> float; ValueError with a clear message otherwise."""
-  try:
-    value = float(Fraction(text.strip())) if "/" in text else float(text)
-  except (ValueError, ZeroDivisionError):
-    raise ValueError(f"--{what} must be a number (e.g. 0.3 or 8/255); got {text!r}") from None
-  return value
-
-
 def eps_grid(defaults: DatasetDefaults) -> Tuple[Tuple[float, ...], Tuple[str, ...]]:
   """The certification table's radii and their labels: ``--eps_grid`` or the dataset's."""
   if FLAGS.eps_grid is None:
     return defaults.eps_grid, defaults.eps_grid_label
-  labels = tuple(t.strip() for t in FLAGS.eps_grid.split(",") if t.strip())
-  grid = tuple(parse_number(t, "eps_grid") for t in labels)
-  if not grid:
-    raise ValueError("--eps_grid needs at least one radius")
-  if any(e < 0 for e in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
-    raise ValueError(f"--eps_grid must be increasing radii >= 0; got {FLAGS.eps_grid!r}")
-  return grid, labels
+  grid = grids.parse_grid(FLAGS.eps_grid, "eps_grid")
+  return grid.eps, grid.labels
 
 
 def parse_steps(text: Optional[str], what: str, count: Optional[int] = None):

@@ -9,13 +9,12 @@ dm_jax/schedules.py); no normalisation or augmentation (choice). Certified on ep
 """
 from absl import app
 
-from experiments import common
+from experiments import common, grids
 
-LABELS = ("0", "0.5", "1", "2", "3", "5", "7", "8", "9")
+GRID = grids.TABLE["gtsrb"]
 DEFAULTS = common.DatasetDefaults(
     dataset="gtsrb", arch="pureconv", eps=8 / 255, epochs=100, batch_size=50, lr=5e-4,
-    eps_grid=tuple(float(v) / 255 for v in LABELS),
-    eps_grid_label=tuple(f"{v}/255" for v in LABELS), eps_scale=255.0)
+    eps_grid=GRID.eps, eps_grid_label=GRID.labels, eps_scale=GRID.scale)
 
 
 def main(argv):

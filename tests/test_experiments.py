@@ -61,6 +61,14 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "training done: step 5" in r2.stdout
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(metrics)
+  # experiments.certify on the same checkpoint: its own grid, written beside it.
+  r3 = _run(["experiments.certify", f"--checkpoint={workdir}", "--methods=ibp",
+             "--num_points=10", "--eps_grid=0,0.05,1/10", "--noprogress"])
+  assert r3.returncode == 0, r3.stderr[-3000:]
+  cert = json.loads((workdir / "certify_linf.json").read_text())
+  assert cert["eps"] == [0.0, 0.05, 0.1] and set(cert["rows"]) == {"ibp", "best"}
+  r4 = _run(["experiments.certify", f"--checkpoint={workdir}", "--eps_grid=0.1,0"])
+  assert r4.returncode != 0 and "eps_grid" in r4.stderr
 
 
 @pytest.mark.slow
