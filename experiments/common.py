@@ -240,7 +240,8 @@ def build_config(defaults: DatasetDefaults):
       eval_domain=bool(setting("cert_domain", defaults)),
       schedule=setting("schedule", defaults),
       progress=FLAGS.progress,
-      method_kwargs=method_kwargs, kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
+      method_kwargs=method_kwargs, kappa_final=FLAGS.kappa_final,
+      kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
       ada_holdout=FLAGS.ada_holdout)
   config.validate()
   return config

@@ -36,7 +36,8 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   _need_mnist()
   workdir = tmp_path / "run"
   args = ["experiments.mnist", "--epochs=1", "--max_train_examples=500",
-          "--num_cert_points=20", f"--workdir={workdir}", "--arch=mlp", "--noprogress"]
+          "--num_cert_points=20", f"--workdir={workdir}", "--arch=mlp", "--noprogress",
+          "--kappa_final=0.25"]
   r = _run(args)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Certified accuracy" in r.stdout
@@ -47,6 +48,7 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   # MNIST's defaults: the recipe of docs/recipes.md, certified on the ball and the box
   assert table["lam_form"] == "kappa" and table["config"]["schedule"] == "proportional"
   assert table["config"]["method_kwargs"] == {"dm_loss": "worst_case", "dm_domain": True}
+  assert table["config"]["kappa_final"] == 0.25 and "kappa_final=0.25" in r.stdout
   assert table["cert_domain"] == [0.0, 1.0] and "pgd" in table["table"]
   assert table["command"].startswith("python -m experiments.mnist --epochs=1")
   rows = list(csv.reader((workdir / "certified.csv").open()))
