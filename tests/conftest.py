@@ -11,7 +11,9 @@ The rule, applied here so that a new test needs no marking: the cases generated 
 one test function (``pytest.mark.parametrize``, absl's ``parameterized`` and
 ``chex.variants`` alike) form a group; its first case, the jitted one where a case runs
 both jitted and eagerly, runs by default and the rest are ``sweep``. So the cheapest
-case goes first in a parameter list.
+case goes first in a parameter list. (The markers select even a case named on the
+command line: run a sweep case with ``pytest -m "not slow" 'tests/test_x.py::test_y[c]'``,
+or any case with ``-m ""``.)
 """
 from __future__ import annotations
 
