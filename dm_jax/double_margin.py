@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from dm_jax import propagation
-from dm_jax.input_sets import make_input_set
+from dm_jax.input_sets import canonical_norm, make_input_set
 from dm_jax.propagation import Abstract
 
 VARIANTS = ("dm", "s_only", "ibp_v")
@@ -117,6 +117,13 @@ def to_margins(a: Abstract, variant: str) -> Margins:
   return Margins(z, s, v, z - s - v, z + s + v)
 
 
+def expands_at_box_centre(variant: str, norm: str, domain) -> bool:
+  """Whether :func:`double_margin` expands at the clipped box's centre instead of at x
+  (``dm``/``s_only`` on the l-inf ball with a data box), so that ``Margins.z`` is the
+  network there, not ``f(x)``."""
+  return domain is not None and canonical_norm(norm) == "linf" and variant != "ibp_v"
+
+
 def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
                   variant: str = "dm", k: Optional[int] = None,
                   domain: Optional[Tuple[float, float]] = None,
@@ -143,7 +150,7 @@ def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
   """
   dom = make_domain(variant)
   iset = make_input_set(x, eps, norm, k, domain)
-  if domain is not None and iset.norm == "linf" and variant != "ibp_v":
+  if expands_at_box_centre(variant, iset.norm, domain):
     lower, upper = iset.box()
     iset = make_input_set((lower + upper) / 2, (upper - lower) / 2, "linf")
   out, relus = propagation.propagate(apply_fn, params, iset, dom)

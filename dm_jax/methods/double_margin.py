@@ -7,7 +7,8 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
-from dm_jax.double_margin import double_margin, split_cross_entropy
+from dm_jax.double_margin import (double_margin, expands_at_box_centre,
+                                  split_cross_entropy)
 from dm_jax.methods.base import (LossFn, MethodSpec, Options, accuracy, cross_entropy,
                                  interval_margins, margin_certified, register,
                                  worst_case_logits)
@@ -32,7 +33,7 @@ def _dm(variant: str, options: Options) -> LossFn:
   norm, k, paper_form = options["norm"], options["k"], options["lam_form"] == "paper"
   domain = options["domain"] if options["dm_domain"] else None
   split = options["dm_loss"] == "split"
-  z_is_clean = domain is None or variant == "ibp_v" or norm != "linf"
+  z_is_clean = not expands_at_box_centre(variant, norm, domain)
 
   def dm_loss(params, apply_fn, x, y, hyper, key):
     """(1 - lam) CE(z) + lam CE_split(z + s + v, z - s - v)  [= CE + lam R, eq. 9]."""
