@@ -34,6 +34,7 @@ from dm_jax.input_sets import max_decrease
 
 _ELEMENTWISE_CONST = primitives.names(patch=primitives.PATCH_ELEMENTWISE)
 _PASS_THROUGH = primitives.names(patch=primitives.PATCH_PASS)
+_NEGATION = primitives.names(patch=primitives.PATCH_NEG)
 
 
 # Windows whose transpose matrix has at most this many entries use a GEMM (_conv_back).
@@ -110,7 +111,7 @@ def supported(tape, target) -> bool:
         return False
       if any(shapes[n] != shapes[e.out] for _, n in nodes):
         return False
-    elif name in primitives.names(patch=primitives.PATCH_NEG) | _PASS_THROUGH:
+    elif name in _NEGATION | _PASS_THROUGH:
       pass
     else:
       return False
@@ -209,7 +210,7 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
       add(nodes[0][1], _conv_back(patch, e.eqn, e.refs[1][1]))
     elif name in _PASS_THROUGH:
       add(nodes[0][1], patch)
-    elif name == "neg":
+    elif name in _NEGATION:
       add(nodes[0][1], Patch(-patch.A, patch.K, patch.S, patch.P))
     elif name in ("mul", "div"):
       (_, node), = nodes
