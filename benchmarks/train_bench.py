@@ -39,6 +39,37 @@ SLOW_METHODS = ("adv", "trades", "mmr", "crown_ibp", "bounded", "bounded_p50")
 EPOCH_STEPS_100 = 60000  # 100 MNIST epochs at batch 100
 
 
+def _option_value(text: str):
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_method(entry: str):
+  """``name`` or ``name[option=value;...]`` -> (name, get_method keyword options);
+  ``bounded_pK`` is bounded with K random projections."""
+  match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", entry.strip())
+  if match is None:
+    raise ValueError(f"bad method entry {entry!r}; expected name or name[option=value;...]")
+  name, options = match.group(1), match.group(2)
+  kwargs = {}
+  for item in filter(None, (options or "").split(";")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"bad option {item!r} in {entry!r}; expected option=value")
+    kwargs[key.strip()] = _option_value(value.strip())
+  projections = re.fullmatch(r"bounded_p(\d+)", name)
+  if projections:
+    name, kwargs = "bounded", dict(kwargs, bounded_projections=int(projections.group(1)))
+  return name, kwargs
+
+
 def worker(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
@@ -51,10 +82,7 @@ def worker(spec: dict) -> dict:
   tx = train.make_optimizer(config, sched)
   state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), model=model,
                                    tx=tx)
-  name, kwargs = spec["method"], {}
-  match = re.fullmatch(r"bounded_p(\d+)", name)  # bounded with K random projections
-  if match:
-    name, kwargs = "bounded", dict(bounded_projections=int(match.group(1)))
+  name, kwargs = parse_method(spec["method"])
   method = methods.get_method(name, **kwargs)  # a registered name or an alias (dm*)
 
   def make_hyper(eps, lam, kappa):  # end-of-ramp values: every branch active
@@ -130,7 +158,9 @@ def main(argv=None):
   p.add_argument("--arch", default="small")
   p.add_argument("--batch_size", type=int, default=100)
   p.add_argument("--methods", default=",".join(METHODS + ("bounded_p50",)),
-                 help="registry names; bounded_pK = bounded with K random projections")
+                 help="registry names, each optionally with get_method options as "
+                 "name[option=value;...] (e.g. dm[dm_loss=folded;lam_form=kappa]); "
+                 "bounded_pK = bounded with K random projections")
   p.add_argument("--steps", type=int, default=50)
   p.add_argument("--slow_steps", type=int, default=None,
                  help=f"timed steps for {', '.join(SLOW_METHODS)} (default: --steps)")
@@ -143,7 +173,7 @@ def main(argv=None):
     return
   start_load = os.getloadavg()
   rows = []
-  for m in args.methods.split(","):
+  for m in re.split(r",(?![^\[]*\])", args.methods):
     steps = args.slow_steps if (m in SLOW_METHODS and args.slow_steps) else args.steps
     r = run_worker("benchmarks.train_bench",
                    dict(arch=args.arch, batch=args.batch_size, method=m, steps=steps),

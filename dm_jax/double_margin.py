@@ -29,8 +29,8 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from dm_jax import propagation
-from dm_jax.input_sets import canonical_norm, make_input_set
+from dm_jax import linear, propagation
+from dm_jax.input_sets import InputSet, canonical_norm, make_input_set
 from dm_jax.propagation import Abstract
 
 VARIANTS = ("dm", "s_only", "ibp_v")
@@ -80,6 +80,10 @@ class DoubleMarginDomain(propagation.ForwardDomain):
              + jnp.abs(g(z + s + v) + g(z - s - v) - 2 * gz) / 2)
     return Abstract((gz,), (s_new, v_new))
 
+  def value_range(self, a):
+    m = to_margins(a, self.variant)
+    return m.lower, m.upper
+
 
 class IbpPlusVDomain(propagation.ForwardDomain):
   """Variation 2: centres = (z, c_ibp), radii = (r_ibp, v)."""
@@ -96,6 +100,10 @@ class IbpPlusVDomain(propagation.ForwardDomain):
     v_new = ((g(z + v) - g(z - v)) / 2
              + jnp.abs(g(c + r + v) + g(c - r - v) - 2 * gz) / 2)
     return Abstract((gz, (hi + lo) / 2), ((hi - lo) / 2, v_new))
+
+  def value_range(self, a):
+    m = to_margins(a, "ibp_v")
+    return m.lower, m.upper
 
 
 def make_domain(variant: str) -> propagation.ForwardDomain:
@@ -124,6 +132,16 @@ def expands_at_box_centre(variant: str, norm: str, domain) -> bool:
   return domain is not None and canonical_norm(norm) == "linf" and variant != "ibp_v"
 
 
+def _start_set(x, eps, norm, k, domain, variant) -> InputSet:
+  """The input set the triple starts from (re-centred on the clipped box, see
+  :func:`expands_at_box_centre`)."""
+  iset = make_input_set(x, eps, norm, k, domain)
+  if expands_at_box_centre(variant, iset.norm, domain):
+    lower, upper = iset.box()
+    iset = make_input_set((lower + upper) / 2, (upper - lower) / 2, "linf")
+  return iset
+
+
 def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
                   variant: str = "dm", k: Optional[int] = None,
                   domain: Optional[Tuple[float, float]] = None,
@@ -148,15 +166,40 @@ def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
     :class:`Margins` of the (B, K) output, and with ``return_relu_inputs`` a tuple of
     Margins for every ReLU input.
   """
-  dom = make_domain(variant)
-  iset = make_input_set(x, eps, norm, k, domain)
-  if expands_at_box_centre(variant, iset.norm, domain):
-    lower, upper = iset.box()
-    iset = make_input_set((lower + upper) / 2, (upper - lower) / 2, "linf")
-  out, relus = propagation.propagate(apply_fn, params, iset, dom)
+  out, relus = propagation.propagate(apply_fn, params,
+                                     _start_set(x, eps, norm, k, domain, variant),
+                                     make_domain(variant))
   if return_relu_inputs:
     return to_margins(out, variant), tuple(to_margins(a, variant) for a in relus)
   return to_margins(out, variant)
+
+
+def folded_margins(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps,
+                   norm="linf", *, variant: str = "dm", k: Optional[int] = None,
+                  domain: Optional[Tuple[float, float]] = None):
+  """Double Margin's lower ends of the margins ``f_y - f_j`` with the specification
+  folded into the affine layers after the last nonlinearity.
+
+  The triple is propagated as in :func:`double_margin` up to the last nonlinearities;
+  there each value ``h`` takes its Double Margin range ``[lower, upper]`` and the margin
+  ``c_j . F(h)`` (F the affine rest of the network, ``c_j = e_y - e_j``) its lower end
+  ``c_j . F(z_h) - |c_j W_F| (s + v)_h`` for ``dm``. Unfolded, every logit is widened
+  separately and the margin's width is ``(|W_y| + |W_j|)(s + v)_h``; folded it is
+  ``|W_y - W_j| (s + v)_h``, as IBP's folded margins (Gowal et al. 2018). Like the
+  triple itself this is a training signal, not a bound.
+
+  Args:
+    as :func:`double_margin`; ``y``: (B,) integer labels.
+
+  Returns:
+    (margins, lower): the output :class:`Margins` and (B, K) lower ends of the margins,
+    0 at ``j == y``.
+  """
+  tape = linear.record_tape(apply_fn, params, _start_set(x, eps, norm, k, domain, variant),
+                            make_domain(variant))
+  out = tape.values[tape.output]
+  spec = linear.margin_spec(jnp.asarray(y), out.shape[-1], out.centres[0].dtype)
+  return to_margins(out, variant), linear.folded_lower_bounds(tape, spec)
 
 
 def split_cross_entropy(logits_upper, logits_lower, labels):

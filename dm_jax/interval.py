@@ -44,10 +44,13 @@ class IntervalDomain(propagation.ForwardDomain):
     lo, hi = g(c - r), g(c + r)
     return propagation.Abstract(((hi + lo) / 2,), ((hi - lo) / 2,))
 
+  def value_range(self, a):
+    (c,), (r,) = a.centres, a.radii
+    return c - r, c + r
+
 
 def to_bounds(a: propagation.Abstract) -> Bounds:
-  (c,), (r,) = a.centres, a.radii
-  return Bounds(c - r, c + r)
+  return Bounds(*IntervalDomain().value_range(a))
 
 
 def interval_bounds(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,

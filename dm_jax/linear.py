@@ -79,10 +79,14 @@ class Entry:
 
 @dataclasses.dataclass
 class Tape:
+  """The recorded model: entries in execution order and every node's value in the
+  forward domain that recorded it (interval, unless :func:`record_tape` was given
+  another, e.g. Double Margin for its folded margins)."""
   entries: List[Entry]
-  values: List[Any]  # per node: Abstract (interval) or InputAffine
+  values: List[Any]  # per node: Abstract (of ``domain``) or InputAffine
   iset: InputSet
   output: int
+  domain: propagation.ForwardDomain = dataclasses.field(default_factory=IntervalDomain)
 
 
 def _classify(eqn, invals) -> Tuple[str, Any]:
@@ -99,8 +103,11 @@ def _classify(eqn, invals) -> Tuple[str, Any]:
   raise UnsupportedPrimitiveError(name, "linear (CROWN-family)")
 
 
-def record_tape(apply_fn, params, iset: InputSet) -> Tape:
-  """Interval pass over the model that records every input-dependent equation."""
+def record_tape(apply_fn, params, iset: InputSet,
+                domain: Optional[propagation.ForwardDomain] = None) -> Tape:
+  """Forward pass over the model in ``domain`` (default: intervals, which every sound
+  bound here needs) that records every input-dependent equation."""
+  domain = IntervalDomain() if domain is None else domain
   values: List[Any] = []
   index: Dict[int, int] = {}
   entries: List[Entry] = []
@@ -115,18 +122,19 @@ def record_tape(apply_fn, params, iset: InputSet) -> Tape:
             else ("const", v) for v in invals]
     entries.append(Entry(eqn, refs, index[id(outval)], kind, const))
 
-  out, _ = propagation.propagate(apply_fn, params, iset, IntervalDomain(), recorder)
+  out, _ = propagation.propagate(apply_fn, params, iset, domain, recorder)
   if id(out) not in index:  # the output does not depend on the input
     raise ValueError("The model's output does not depend on its input; nothing to bound.")
-  return Tape(entries, values, iset, index[id(out)])
+  return Tape(entries, values, iset, index[id(out)], domain)
 
 
 def _interval(tape: Tape, node: int) -> Tuple[jax.Array, jax.Array]:
+  """The range of a node's value in the tape's domain (for the interval domain, its
+  sound interval)."""
   value = tape.values[node]
   if isinstance(value, InputAffine):
-    value = propagation.box_of_symbolic(value, tape.iset, IntervalDomain())
-  (c,), (r,) = value.centres, value.radii
-  return c - r, c + r
+    value = propagation.box_of_symbolic(value, tape.iset, tape.domain)
+  return tape.domain.value_range(value)
 
 
 # --------------------------------------------------------------------- relaxations
@@ -399,6 +407,23 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     else:  # pragma: no cover - every path ends at the input or a stop node
       raise AssertionError(f"coefficients left at node {node}")
   return lower
+
+
+def folded_lower_bounds(tape: Tape, A) -> jax.Array:
+  """Lower bound of ``<A, output>`` with the specification folded into the affine
+  equations after the last nonlinearities, whose outputs take their range in the tape's
+  domain (IBP's tighter margins, Gowal et al.; the same for Double Margin's ranges).
+
+  Args:
+    tape: the recorded model.
+    A: (B, R, *output_shape) coefficients.
+
+  Returns:
+    (B, R) lower bounds: ``min <A C_out, h>`` over each stop node's range ``h``, plus the
+    affine offsets; sound where the tape's ranges are (the interval domain).
+  """
+  stops = {e.out: _interval(tape, e.out) for e in tape.entries if e.kind != "affine"}
+  return backward(tape, tape.output, A, {}, "crown", stop_nodes=stops)
 
 
 # ---------------------------------------------------------- intermediate bounds
@@ -713,8 +738,7 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
   rows = jnp.concatenate([spec, -spec], axis=1) if upper else spec
   A = rows.reshape((batch, -1) + out_lo.shape[1:])
   if method == "ibp":
-    stops = {e.out: _interval(tape, e.out) for e in tape.entries if e.kind != "affine"}
-    low = backward(tape, tape.output, A, {}, "crown", stop_nodes=stops)
+    low = folded_lower_bounds(tape, A)
   else:
     relax = "crown" if method == "crown_ibp" else method
     if intermediate is None:

@@ -72,6 +72,11 @@ class ForwardDomain:
     """Image of ``a`` under a non-decreasing ``g`` (ReLU, max pooling, ...)."""
     raise NotImplementedError
 
+  def value_range(self, a: Abstract) -> Tuple[jax.Array, jax.Array]:
+    """The element-wise range ``(lower, upper)`` the domain assigns ``a`` (sound for the
+    interval domain; Double Margin's is its training signal, not a bound)."""
+    raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------- affine
 

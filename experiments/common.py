@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 
+from dm_jax.methods.double_margin import DM_LOSSES
 from experiments import grids
 from experiments.grids import parse_number
 
@@ -49,6 +50,7 @@ class DatasetDefaults:
   lam_form: str = "paper"
   dm_loss: str = "split"
   dm_domain: bool = False
+  ibp_margin: bool = False
   schedule: str = "singleprop"
   cert_domain: bool = False
   cert_methods: Tuple[str, ...] = ("fastlin", "ibp")
@@ -123,9 +125,15 @@ flags.DEFINE_string("eps_grid", None, "Comma-separated radii of the certificatio
 flags.DEFINE_bool("dm_domain", None, "Double Margin: start from the ball intersected "
                   "with the data box [0, 1] (dm/dm_s_only expand at the clipped interval's "
                   "centre; dm_ibp_v takes it in its IBP part); default: the dataset's.")
-flags.DEFINE_enum("dm_loss", None, ["split", "worst_case"], "Double Margin's robust "
-                  "term: 'split' (eq. 9, logsumexp(upper) - lower_y) or 'worst_case' "
-                  "(CE of the worst-case logits, IBP's form); default: the dataset's.")
+flags.DEFINE_enum("dm_loss", None, list(DM_LOSSES), "Double Margin's robust "
+                  "term: 'split' (eq. 9, logsumexp(upper) - lower_y), 'worst_case' "
+                  "(CE of the worst-case logits, IBP's form) or 'folded' (CE of the "
+                  "margins' lower ends with the specification folded into the last "
+                  "affine layers); default: the dataset's.")
+flags.DEFINE_bool("ibp_margin", None, "IBP: the robust term on the margins' lower "
+                  "bounds with the specification folded into the last affine layer "
+                  "(Gowal et al.'s tighter form) instead of the worst-case logits; "
+                  "default: the dataset's.")
 flags.DEFINE_bool("cert_domain", None, "Certify (final table and per-epoch IBP check) on "
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
                   "Gowal et al. and Zhang et al.); off: the plain ball; default: the "
@@ -214,7 +222,8 @@ def build_config(defaults: DatasetDefaults):
   # to any method (so --dm_loss with --method=ibp is an error naming both). A method's
   # own default stays out of method_kwargs, so configs read as before.
   reads = methods.spec(method).options
-  for name, method_default in (("dm_loss", "split"), ("dm_domain", False)):
+  for name, method_default in (("dm_loss", "split"), ("dm_domain", False),
+                               ("ibp_margin", False)):
     value = setting(name, defaults)
     if ((getattr(FLAGS, name) is not None and name not in reads)
         or (name in reads and value != method_default)):

@@ -79,6 +79,14 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
                                         "--lr=1e-3") + _LONG,
             "dm_kappa_singleprop_schedule": ("--lam_form=kappa", "--dm_loss=split",
                                              "--schedule=singleprop"),
+            # Gowal et al. train at 0.4 for 0.3.
+            "ibp_long_eps0.4": ("--method=ibp", "--eps=0.4") + _LONG,
+            # The specification folded into the last affine layer (Gowal et al.'s
+            # tighter margins; double_margin.folded_margins for DM).
+            "ibp_folded_long": ("--method=ibp", "--ibp_margin") + _LONG,
+            "dm_folded_kappa_long": ("--lam_form=kappa", "--dm_loss=folded") + _LONG,
+            "dm_folded_ibp_v_kappa_long_box": ("--method=dm_ibp_v", "--lam_form=kappa",
+                                               "--dm_loss=folded", "--dm_domain") + _LONG,
         },
     ),
 }

@@ -20,6 +20,7 @@ from absl.testing import parameterized
 
 import dm_jax
 import test_core_utils as U
+from dm_jax.double_margin import VARIANTS as DM_VARIANTS, folded_margins
 
 B = 2
 SMALL_IMG = (8, 8, 3)
@@ -462,3 +463,58 @@ def test_first_layer_exact_after_explicit_input_padding():
   b = dm_jax.interval_bounds(padded, w, x, 0.1, "l2")
   chex.assert_trees_all_close(b.radius[0], 0.1 * jnp.linalg.norm(w[1:-1], axis=0),
                               rtol=1e-5)
+
+
+# ------------------------------------------------ folded margins (last layer folded in)
+
+def _hand_folded(arch, params, x, eps, y, variant, domain, n_dense):
+  """Lower ends of ``f_y - f_j`` from the numpy reference: the triple up to the last
+  ReLU's output, then ``min_{h in [lower, upper]} (W_y - W_j) . h + b_y - b_j`` written
+  out for the last dense layer."""
+  P = U.np_params(params)
+  dom = U.IbpPlusV() if variant == "ibp_v" else U.DoubleMargin(variant)
+  start = U.np_input(dom, np.asarray(x, np.float64), np.asarray(eps, np.float64), "linf",
+                     domain=domain)
+  h = dom.relu(U.np_network(arch, dom, P, start, n_dense=n_dense - 1))
+  if variant == "ibp_v":
+    _, l, u, v = h
+    lower, upper = l - v, u + v
+  else:
+    z, s, v = h
+    lower, upper = z - s - v, z + s + v
+  last = P[f"Dense_{n_dense - 1}"]
+  W, b = last["kernel"], last["bias"]  # (hidden, K), (K,)
+  out = np.zeros((x.shape[0], W.shape[1]))
+  for i, yi in enumerate(y):
+    c = W[:, yi][:, None] - W  # (hidden, K): the margin rows W_y - W_j
+    out[i] = (np.maximum(c, 0).T @ lower[i] + np.minimum(c, 0).T @ upper[i]
+              + b[yi] - b)
+  return out
+
+
+class FoldedMarginsByHandTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("_small", "small", SMALL_IMG, {}, 2),
+                                  ("_mlp2", "mlp", (6, 6, 1), MLP2, 2))
+  def test_matches_numpy_reference(self, arch, shape, kw, n_dense):
+    model = dm_jax.get_model(arch, 10, **kw)
+    params = U.init_params(model, shape, seed=5)
+    x = U.nominal_inputs(shape, 3, seed=9)
+    y = np.array([0, 4, 9])
+    eps = np.array([0.03, 0.08, 0.15], np.float32)
+    settings = [(v, d) for v in DM_VARIANTS for d in (None, (0.0, 1.0))]
+    fn = self.variant(lambda p, x, y, e: [
+        folded_margins(model.apply, p, x, y, e, variant=v, domain=d) for v, d in settings])
+    results = fn(params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(eps))
+    for (variant, domain), (m, lb) in zip(settings, results):
+      what = f"{arch} {variant} domain={domain}"
+      chex.assert_shape(lb, (3, 10))
+      _close(lb, _hand_folded(arch, params, x, eps, y, variant, domain, n_dense), what)
+      np.testing.assert_array_equal(np.asarray(lb)[np.arange(3), y], 0.0)
+      # Folding never widens: each margin is at least lower_y - upper_j of the logits.
+      unfolded = np.take_along_axis(np.asarray(m.lower), y[:, None], 1) - np.asarray(m.upper)
+      unfolded[np.arange(3), y] = 0.0
+      assert np.all(np.asarray(lb) >= unfolded - 1e-5), what
+      assert np.any(np.asarray(lb) > unfolded + 1e-3), what
+

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from dm_jax import double_margin, dm_regularizer, get_model, interval_bounds
+from dm_jax import double_margin, dm_regularizer, folded_margins, get_model, interval_bounds
 from dm_jax import methods as M
 from dm_jax.methods import Hyper, get_method
 
@@ -474,3 +474,27 @@ def test_dm_worst_case_loss_is_ce_of_the_worst_case_logits():
       assert wc < split
   with pytest.raises(ValueError, match="dm_loss"):
     get_method("dm", dm_loss="nope")
+
+
+def test_dm_folded_loss_is_ce_of_the_folded_margins():
+  """dm_loss="folded" is CE(-m), m from double_margin.folded_margins; it never exceeds
+  the worst-case-logit loss (folding only tightens), and both agree at eps = 0."""
+  model = get_model("mlp", 10, hidden=(16,))
+  x = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1))
+  y = jnp.arange(6) % 10
+  params = model.init(jax.random.PRNGKey(1), x[:1])
+  for variant in ("dm", "dm_ibp_v"):
+    for eps in (0.0, 0.05):
+      hyper = Hyper.create(eps=eps, lam=0.5, kappa=0.5)
+      folded, fm = get_method(variant, lam_form="kappa", dm_loss="folded").loss(
+          params, model.apply, x, y, hyper, None)
+      wc = get_method(variant, lam_form="kappa", dm_loss="worst_case").loss(
+          params, model.apply, x, y, hyper, None)[1]["robust_loss"]
+      _, lb = folded_margins(model.apply, params, x, y, eps,
+                             variant="ibp_v" if variant == "dm_ibp_v" else "dm")
+      np.testing.assert_allclose(fm["robust_loss"], _ce(-lb, y), rtol=1e-5)
+      np.testing.assert_allclose(folded, 0.5 * fm["ce_clean"] + 0.5 * fm["robust_loss"],
+                                 rtol=1e-5)
+      assert fm["robust_loss"] <= wc + 1e-6
+      if eps == 0.0:
+        np.testing.assert_allclose(fm["robust_loss"], wc, rtol=1e-5)
