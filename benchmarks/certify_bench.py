@@ -15,8 +15,8 @@ Weights: kernels re-drawn N(0, 2/fan_in) (benchmark spec), biases as initialised
 (zeros). Inputs: uniform [0, 1] of the dataset's shape, random labels (the cost of the
 bounds does not depend on the values).
 
-``--mip``: exact MILP certification (``dm_jax.mip.exact_certify``) of 8 points of a tiny
-MLP 4-16-16-3 at eps 0.1. ``--full_mnist``: ``dm_jax.certify.certify`` of all 10,000
+``--mip``: exact MILP certification (``dm_jax.verify.mip.exact_certify``) of 8 points of a tiny
+MLP 4-16-16-3 at eps 0.1. ``--full_mnist``: ``dm_jax.verify.certify.certify`` of all 10,000
 MNIST test points with fastlin (CNN-Cert-ReLU) on the small CNN (data from
 ``$DM_JAX_DATA_DIR``): wall time and peak RSS. ``--write`` appends the run to
 docs/benchmarks.md.
@@ -173,7 +173,7 @@ def _init_model(arch, num_classes, input_shape, seed=0, **model_kw):
 def worker_margins(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
-  from dm_jax import linear
+  from dm_jax.bounds import linear
   shape = INPUT_SHAPES[spec["input"]]
   model, params = _init_model(spec["arch"], 10, shape)
   b = spec["batch"]
@@ -208,7 +208,7 @@ def worker_mip(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from dm_jax import mip
+  from dm_jax.verify import mip
   model, params = _init_model("mlp", 3, (4,), hidden=(16, 16))
   n = spec["batch"]
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
@@ -227,7 +227,8 @@ def worker_mip(spec: dict) -> dict:
 
 def worker_full_mnist(spec: dict) -> dict:
   import numpy as np
-  from dm_jax import certify, data
+  from dm_jax import data
+  from dm_jax.verify import certify
   t_start = time.perf_counter()
   ds = data.load_dataset("mnist")
   x, y = ds.x_test, ds.y_test

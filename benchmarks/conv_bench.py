@@ -8,7 +8,7 @@ Times (median of 200 jit-compiled calls, after compiling) small-s2's second conv
 (4x4/2, pad 1, 16 -> 32 channels, 14x14 input) in the forms measured against each other:
 the forward pass at batch 256 as XLA's strided conv, as space-to-depth + a 2x2 conv and
 as im2col + GEMM; and its kernel gradient at batch 100 as XLA's, as k*k GEMMs over
-strided slices (``dm_jax.conv._kernel_gradient``) and as im2col + GEMM. Prints ms and
+strided slices (``dm_jax.core.conv._kernel_gradient``) and as im2col + GEMM. Prints ms and
 GFLOP/s (2 FLOPs per multiply-add) and checks that every form agrees with XLA's.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dm_jax import conv
+from dm_jax.core import conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 PAD = ((1, 1), (1, 1))
@@ -85,7 +85,7 @@ def kernel_gradient_forms(b=100):
     return (pat.T @ g.reshape(-1, 32)).reshape(4, 4, 16, 32)
 
   return "kernel gradient, batch %d" % b, flops, [(n, f, (x, g)) for n, f in (
-      ("xla", xla), ("k*k GEMMs (dm_jax.conv)", gemms), ("im2col + GEMM", im2col))]
+      ("xla", xla), ("k*k GEMMs (dm_jax.core.conv)", gemms), ("im2col + GEMM", im2col))]
 
 
 def main():

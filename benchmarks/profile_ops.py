@@ -7,7 +7,7 @@ Usage (from the repository root; needs ``pip install xprof`` to read the trace):
 
 ``--what=step``: ``value_and_grad`` of the method's loss (batch 100, eps 0.3, lam and
 kappa 0.5) as in ``benchmarks/train_bench.py``; ``--what=bounds``: the margin lower
-bounds of ``dm_jax.linear.margin_lower_bounds`` (eps 0.01) as in
+bounds of ``dm_jax.bounds.linear.margin_lower_bounds`` (eps 0.01) as in
 ``benchmarks/certify_bench.py``. The call is compiled, run once, then traced
 ``--calls`` times with ``jax.profiler``; the trace's complete events are summed per name
 (XLA fusions and thunks) and the ``--top`` largest are printed in ms per call, with the
@@ -33,7 +33,9 @@ if ROOT not in sys.path:
 def build(args):
   import jax
   import jax.numpy as jnp
-  from dm_jax import linear, methods, models
+  from dm_jax import models
+  from dm_jax.bounds import linear
+  from dm_jax.train import methods
   model = models.get_model(args.arch)
   x = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, 28, 28, 1))
   y = jax.random.randint(jax.random.PRNGKey(1), (args.batch,), 0, 10)

@@ -73,7 +73,8 @@ def parse_method(entry: str):
 def worker(spec: dict) -> dict:
   import jax
   import jax.numpy as jnp
-  from dm_jax import methods, schedules, train
+  from dm_jax import train
+  from dm_jax.train import methods, schedules
   config = train.TrainConfig(dataset="mnist", arch=spec["arch"], method=spec["method"],
                              batch_size=spec["batch"], eps_train=0.3, progress=False)
   model = train.get_model(config.arch, num_classes=10)
@@ -153,7 +154,7 @@ def targets(rows, arch):
 
 
 def main(argv=None):
-  from dm_jax.methods import METHODS
+  from dm_jax.train.methods import METHODS
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--arch", default="small")
   p.add_argument("--batch_size", type=int, default=100)

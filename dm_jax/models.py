@@ -10,7 +10,7 @@ from typing import Callable, Sequence, Tuple
 
 import flax.linen as nn
 
-from dm_jax import conv as conv_lib
+from dm_jax.core import conv as conv_lib
 
 KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 PAD1 = ((1, 1), (1, 1))
@@ -18,7 +18,7 @@ PAD1 = ((1, 1), (1, 1))
 
 def _conv(features, kernel, stride=1, padding="SAME"):
   # Same values as lax's convolution; strided ones get a faster input gradient on CPU
-  # (dm_jax.conv.conv2d), which plain (normal/PGD/TRADES) training spends most time in.
+  # (dm_jax.core.conv.conv2d), which plain (normal/PGD/TRADES) training spends most time in.
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                  kernel_init=KERNEL_INIT, conv_general_dilated=conv_lib.conv_general_dilated)
 

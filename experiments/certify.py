@@ -51,7 +51,8 @@ def _read_config(ckpt_dir: Path) -> dict:
 
 def run() -> None:
   import numpy as np
-  from dm_jax import certify, data as data_lib, train as train_lib
+  from dm_jax import data as data_lib, train as train_lib
+  from dm_jax.verify import certify
 
   if not FLAGS.checkpoint:
     raise ValueError("--checkpoint is required (a training workdir).")

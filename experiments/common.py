@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 
-from dm_jax.methods.double_margin import DM_LOSSES
+from dm_jax.train.methods.double_margin import DM_LOSSES
 from experiments import grids
 from experiments.grids import parse_number
 
@@ -57,7 +57,7 @@ class DatasetDefaults:
   num_cert_points: int = 200
 
 
-flags.DEFINE_string("method", None, "Training method (dm_jax.methods.METHODS, or an "
+flags.DEFINE_string("method", None, "Training method (dm_jax.train.methods.METHODS, or an "
                     "alias: 'dm*' = Double Margin with final lambda 1); default: the "
                     "dataset's.")
 flags.DEFINE_string("arch", None, "Architecture (dm_jax.ARCHITECTURES or mlp/small_s2); "
@@ -172,10 +172,10 @@ def setting(name: str, defaults: DatasetDefaults):
 
 def build_config(defaults: DatasetDefaults):
   """Validates the flags and returns a :class:`dm_jax.train.TrainConfig`."""
-  from dm_jax import methods
+  from dm_jax.train import methods
   from dm_jax.models import _REGISTRY
-  from dm_jax.train import TrainConfig, default_workdir
-  from dm_jax.input_sets import canonical_norm
+  from dm_jax.train.loop import TrainConfig, default_workdir
+  from dm_jax.core.input_sets import canonical_norm
 
   method = setting("method", defaults)
   if method not in methods.names(aliases=True):
@@ -261,8 +261,8 @@ def build_config(defaults: DatasetDefaults):
 
 def certify_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size,
                   eps_scale=1.0, progress=True, domain=None, pgd=None):
-  """``dm_jax.certify.certified_accuracy_table`` and its formatted table."""
-  from dm_jax import certify
+  """``dm_jax.verify.certify.certified_accuracy_table`` and its formatted table."""
+  from dm_jax.verify import certify
   table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
                                            methods=tuple(methods), norm=norm,
                                            batch_size=batch_size, progress=progress,
@@ -308,7 +308,7 @@ def run(defaults: DatasetDefaults) -> None:
   """Trains and certifies per the flags. Raises ValueError / DatasetNotFoundError."""
   import numpy as np
   from dm_jax import data as data_lib
-  from dm_jax import methods
+  from dm_jax.train import methods
   from dm_jax import provenance
   from dm_jax import train as train_lib
 
@@ -319,7 +319,7 @@ def run(defaults: DatasetDefaults) -> None:
                   if FLAGS.cert_methods is not None else defaults.cert_methods)
   num_cert_points = setting("num_cert_points", defaults)
   if num_cert_points:
-    from dm_jax.certify import canonical_certifier
+    from dm_jax.verify.certify import canonical_certifier
     for m in cert_methods:
       canonical_certifier(m)  # ValueError for an unknown certifier
   dataset = data_lib.load_dataset(defaults.dataset, FLAGS.data_dir)
@@ -396,7 +396,7 @@ def main(argv: Sequence[str], defaults: DatasetDefaults) -> None:
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows them
     logging.set_verbosity(logging.WARNING)
   from dm_jax.data import DatasetNotFoundError
-  from dm_jax.errors import UnsupportedPrimitiveError
+  from dm_jax.core.errors import UnsupportedPrimitiveError
   try:
     run(defaults)
   except (ValueError, DatasetNotFoundError, FloatingPointError,

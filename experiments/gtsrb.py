@@ -4,7 +4,7 @@
 
 Defaults: pureconv, batch 50 (choice, as CIFAR), Adam 5e-4; the paper gives no
 schedule for GTSRB, so MNIST's step boundaries are used (choice, see
-dm_jax/schedules.py); no normalisation or augmentation (choice). Certified on eps
+dm_jax/train/schedules.py); no normalisation or augmentation (choice). Certified on eps
 0, .5, 1, 2, 3, 5, 7, 8, 9 (/255).
 """
 from absl import app

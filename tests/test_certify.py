@@ -1,4 +1,4 @@
-"""Certification tests of ``dm_jax.certify`` on a quickly trained MNIST model.
+"""Certification tests of ``dm_jax.verify.certify`` on a quickly trained MNIST model.
 
 1. Attack: for every certifier (ibp, crown_ibp, fastlin, crown, zero) and threat model
    (linf, linf with the [0, 1] data box, l2, l1), each test point is certified at the
@@ -24,9 +24,9 @@ import optax
 import pytest
 
 import dm_jax
-from dm_jax import certify as C
-from dm_jax import linear
-from dm_jax.errors import UnsupportedPrimitiveError
+from dm_jax.verify import certify as C
+from dm_jax.bounds import linear
+from dm_jax.core.errors import UnsupportedPrimitiveError
 
 METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
 N_TEST = 48

@@ -20,7 +20,7 @@ from absl.testing import parameterized
 
 import dm_jax
 import test_core_utils as U
-from dm_jax.double_margin import VARIANTS as DM_VARIANTS, folded_margins
+from dm_jax.bounds.double_margin import VARIANTS as DM_VARIANTS, folded_margins
 
 B = 2
 SMALL_IMG = (8, 8, 3)

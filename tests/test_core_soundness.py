@@ -378,7 +378,7 @@ class FoldedIbpVSoundnessTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("_small", "small"), ("_pooling", "pooling"))
   def test_below_ibp_folded_and_sampled_margins(self, arch):
-    from dm_jax import linear  # pylint: disable=import-outside-toplevel
+    from dm_jax.bounds import linear  # pylint: disable=import-outside-toplevel
     model, params = U.model_and_params(arch, U.MNIST, seed=2)
     x = jnp.asarray(U.nominal_inputs(U.MNIST, BATCH, seed=4))
     y = jnp.array([3, 7])

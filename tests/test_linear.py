@@ -1,4 +1,4 @@
-"""Certification tests of the linear (CROWN-family) bounds of ``dm_jax.linear``.
+"""Certification tests of the linear (CROWN-family) bounds of ``dm_jax.bounds.linear``.
 
 1. Monte-Carlo soundness: for every method (ibp, crown_ibp, fastlin, crown, zero) and
    threat model (linf, linf with the [0, 1] data box, l2, l1, l0), sampled points of the
@@ -7,7 +7,7 @@
    ``spec @ f(x')`` outside ``linear_bounds``; random specification matrices and margin
    rows; mlp, small CNN, pooling CNN, resnet and a 2-member ensemble. The radii are chosen
    so that many ReLUs are unstable (checked, so the test is not vacuous).
-2. Exact comparison against the MIP (``dm_jax.mip.exact_margins``) on tiny nets (MLPs,
+2. Exact comparison against the MIP (``dm_jax.verify.mip.exact_margins``) on tiny nets (MLPs,
    a conv net, a max-pooling net, a residual net): every certifier's margin lower bound
    is <= the exact minimum; IBP is never tighter than CNN-Cert-Zero (Appendix K). The
    gaps are collected and printed by ``test_zz_gap_summary`` (run with ``-s``).
@@ -30,8 +30,9 @@ import pytest
 from absl.testing import parameterized
 
 import dm_jax
-from dm_jax import certify as certify_lib
-from dm_jax import linear, mip
+from dm_jax.verify import certify as certify_lib
+from dm_jax.bounds import linear
+from dm_jax.verify import mip
 
 METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
 LINEAR_METHODS = ("fastlin", "crown", "zero")

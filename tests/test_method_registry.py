@@ -1,4 +1,4 @@
-"""Tests for the training-method registry (dm_jax.methods.base): every registered method
+"""Tests for the training-method registry (dm_jax.train.methods.base): every registered method
 builds and runs, a method registered here trains through dm_jax.train with no other
 change, options a method does not read are errors, aliases resolve."""
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from dm_jax import data as data_lib
-from dm_jax import get_model, schedules
-from dm_jax import methods as M
+from dm_jax import get_model
+from dm_jax.train import schedules
+from dm_jax.train import methods as M
 from dm_jax import train as train_lib
 
 # The PGD / MMR sampling cost settings (SOLVER_OPTIONS) may go to every method.

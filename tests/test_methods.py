@@ -1,4 +1,4 @@
-"""Tests for dm_jax.methods: every training loss on every architecture, and hand checks."""
+"""Tests for dm_jax.train.methods: every training loss on every architecture, and hand checks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from dm_jax import double_margin, dm_regularizer, folded_margins, get_model, interval_bounds
-from dm_jax import methods as M
-from dm_jax.methods import Hyper, get_method
+from dm_jax.train import methods as M
+from dm_jax.train.methods import Hyper, get_method
 
 ARCHS = ("small", "pureconv", "resnet", "pooling", "medium", "large")
 # Input shape per architecture in the tests (tiny batches of MNIST- or CIFAR-like data).
@@ -411,12 +411,12 @@ def test_mmr_eps_zero_is_ce():
 
 
 # ----------------------------------------------------------------------------- linear
-# These need dm_jax.linear.margin_lower_bounds (written by the lead); they fail loudly
+# These need dm_jax.bounds.linear.margin_lower_bounds (written by the lead); they fail loudly
 # until it exists.
 
 @pytest.mark.parametrize("name,lin", [("crown_ibp", "crown_ibp"), ("bounded", "fastlin")])
 def test_linear_methods_match_margin_lower_bounds(name, lin):
-  from dm_jax import linear
+  from dm_jax.bounds import linear
   model, params, x, y = _mlp_setup()
   eps, kappa = 0.01, 0.3
   loss, met = get_method(name).loss(params, model.apply, x, y, _hyper(eps, 0.0, kappa), None)
@@ -436,7 +436,7 @@ def _mlp_setup():
 
 
 def test_crown_ibp_beta_mix():
-  from dm_jax import linear
+  from dm_jax.bounds import linear
   model, params, x, y = _mlp_setup()
   eps, beta = 0.01, 0.25
   loss, _ = get_method("crown_ibp", crown_ibp_beta="lam").loss(

@@ -1,4 +1,4 @@
-"""Tests for dm_jax.mip: the exact MILP verifier.
+"""Tests for dm_jax.verify.mip: the exact MILP verifier.
 
 Independent evidence of exactness: the MILP minimum is <= the margin at every sampled
 point of the ball (vertices included), and it is *attained*: the returned minimiser lies
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import dm_jax
-from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.interval import interval_bounds
-from dm_jax.mip import MipResult, exact_certify, exact_margins
+from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.bounds.interval import interval_bounds
+from dm_jax.verify.mip import MipResult, exact_certify, exact_margins
 
 ATOL = 1e-4
 NUM_SAMPLES = 2000

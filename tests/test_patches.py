@@ -1,11 +1,13 @@
-"""The patch-form backward pass (dm_jax.patches) equals the dense one exactly."""
+"""The patch-form backward pass (dm_jax.bounds.patches) equals the dense one exactly."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dm_jax import get_model, linear
-from dm_jax import conv, patches
+from dm_jax import get_model
+from dm_jax.bounds import linear
+from dm_jax.core import conv
+from dm_jax.bounds import patches
 
 # The first case of each list runs by default (tests/conftest.py), the rest in the sweep.
 CASES = [("resnet", (8, 8, 1)), ("small", (10, 10, 2)), ("pureconv", (8, 8, 1)),
@@ -133,7 +135,8 @@ def test_models_use_the_fast_conv_with_unchanged_bounds():
   """dm_jax.models' strided convs trace to conv2d's custom_vjp; the bound interpreters
   see through it (IBP bounds equal those of a plain-lax copy of the model)."""
   import flax.linen as nn
-  from dm_jax import interval, models
+  from dm_jax import models
+  from dm_jax.bounds import interval
   model = models.get_model("small_s2")
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
   params = model.init(jax.random.PRNGKey(1), x)

@@ -1,4 +1,4 @@
-"""The primitive table (dm_jax.primitives) against what the domains actually do.
+"""The primitive table (dm_jax.core.primitives) against what the domains actually do.
 
 Each affine primitive with a forward rule is traced in a small function of the input;
 the interval bounds must contain the function's values at sampled points of the set and
@@ -15,8 +15,9 @@ import pytest
 from jax import lax
 
 import dm_jax
-from dm_jax import linear, primitives
-from dm_jax.errors import UnsupportedPrimitiveError
+from dm_jax.bounds import linear
+from dm_jax.core import primitives
+from dm_jax.core.errors import UnsupportedPrimitiveError
 
 X = np.random.default_rng(0).uniform(0.2, 0.8, (2, 4, 6)).astype(np.float32)
 C = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dm_jax import get_model, linear
-from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import make_input_set
-from dm_jax.methods import Hyper, get_method
+from dm_jax import get_model
+from dm_jax.bounds import linear
+from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.core.input_sets import make_input_set
+from dm_jax.train.methods import Hyper, get_method
 
 
 def _setup(arch, shape, n=3, seed=0):

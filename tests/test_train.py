@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from dm_jax import data as data_lib
-from dm_jax import schedules
+from dm_jax.train import schedules
 from dm_jax import train as train_lib
-from dm_jax.checkpoint import Checkpointer, all_finite
+from dm_jax.train.checkpoint import Checkpointer, all_finite
 
 
 def _data_dir():
@@ -39,7 +39,7 @@ def _synthetic(n_train=200, n_test=100, seed=0):
 
 
 class _CE:
-  """A method-like object independent of dm_jax.methods (CE + hyper-dependent term)."""
+  """A method-like object independent of dm_jax.train.methods (CE + hyper-dependent term)."""
   prune = False
 
   def __init__(self, nan_above_eps=None):
@@ -213,7 +213,7 @@ def test_checkpointer_refuses_non_finite(tmp_path):
 
 
 def test_real_methods_dm_and_dm_star(tmp_path):
-  pytest.importorskip("dm_jax.methods")
+  pytest.importorskip("dm_jax.train.methods")
   ds = _synthetic()
   cfg = _config(tmp_path, "dm", method="dm", epochs=2)
   state, hist = train_lib.train(cfg, ds)
@@ -243,7 +243,7 @@ def test_train_step_compiles_once(tmp_path):
 
 
 def test_pruning_keeps_weights_at_zero(tmp_path):
-  pytest.importorskip("dm_jax.methods")
+  pytest.importorskip("dm_jax.train.methods")
   ds = _synthetic()
   cfg = _config(tmp_path, "prune", method="relu_stability", prune=True, prune_step=3,
                 prune_threshold=0.05, epochs=2)
@@ -269,13 +269,13 @@ def test_cifar_normalisation_inside_apply():
 
 def _ibp_cert(state, cfg, ds, eps, n=200):
   """Share of n test points certified by IBP with the margin folded into the last layer
-  (dm_jax.linear), else by plain logit intervals."""
+  (dm_jax.bounds.linear), else by plain logit intervals."""
   from dm_jax import interval_bounds
   _, apply_fn = train_lib.build_model(cfg, 10)
   x, y = ds.x_test[:n], ds.y_test[:n]
   correct = np.asarray(jnp.argmax(apply_fn(state.params, x), -1)) == y
   try:
-    from dm_jax.linear import margin_lower_bounds
+    from dm_jax.bounds.linear import margin_lower_bounds
     lb = np.array(margin_lower_bounds(apply_fn, state.params, x, y, eps, method="ibp"))
     lb[np.arange(n), y] = np.inf
     cert = lb.min(-1) > 0
@@ -293,7 +293,7 @@ def test_dm_and_ibp_certify_better_than_normal_on_mnist(tmp_path):
   """MLP on 2000 MNIST examples, 40 epochs of 40 steps (~10 s per method on 2 cores):
   eps 0 for one epoch, ramp to eps_train = 0.2 by step 800; certify 200 test points at
   eps = 0.1 (measured: dm ~0.25, ibp ~0.09, normal 0.0)."""
-  pytest.importorskip("dm_jax.methods")
+  pytest.importorskip("dm_jax.train.methods")
   ds = _mnist(2000, 200)
   accs = {}
   for method in ("normal", "dm", "ibp"):

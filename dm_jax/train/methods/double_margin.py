@@ -7,11 +7,11 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
-from dm_jax.double_margin import (double_margin, expands_at_box_centre, folded_margins,
-                                  split_cross_entropy)
-from dm_jax.methods.base import (LossFn, MethodSpec, Options, accuracy, cross_entropy,
-                                 interval_margins, margin_certified, register,
-                                 worst_case_logits)
+from dm_jax.bounds.double_margin import (double_margin, expands_at_box_centre, folded_margins,
+                                         split_cross_entropy)
+from dm_jax.train.methods.base import (LossFn, MethodSpec, Options, accuracy, cross_entropy,
+                                       interval_margins, margin_certified, register,
+                                       worst_case_logits)
 
 DM_LAM_FINAL = 2.0     # "Double Margin": final lambda 2 (paper form)
 STAR_LAM_FINAL = 1.0   # "Double Margin *": dm with final lambda 1

@@ -1,10 +1,10 @@
 """Interval bound propagation training, ``ibp`` (Gowal et al. 2018)."""
 from __future__ import annotations
 
-from dm_jax.interval import interval_bounds
-from dm_jax.methods.base import (LAM_FORMS, LossFn, MethodSpec, Options, accuracy,
-                                 cross_entropy, interval_margins, margin_certified,
-                                 margin_lower_bounds, register, worst_case_logits)
+from dm_jax.bounds.interval import interval_bounds
+from dm_jax.train.methods.base import (LAM_FORMS, LossFn, MethodSpec, Options, accuracy,
+                                       cross_entropy, interval_margins, margin_certified,
+                                       margin_lower_bounds, register, worst_case_logits)
 
 
 def _ibp(options: Options) -> LossFn:

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dm_jax.interval import Bounds, interval_bounds
-from dm_jax.methods.adversarial import PGD_OPTIONS, pgd_settings
-from dm_jax.methods.attacks import check_attack_norm, pgd_attack
-from dm_jax.methods.base import (LossFn, MethodSpec, Options, accuracy, cross_entropy,
-                                 interval_margins, margin_certified, register)
+from dm_jax.bounds.interval import Bounds, interval_bounds
+from dm_jax.train.methods.adversarial import PGD_OPTIONS, pgd_settings
+from dm_jax.train.methods.attacks import check_attack_norm, pgd_attack
+from dm_jax.train.methods.base import (LossFn, MethodSpec, Options, accuracy, cross_entropy,
+                                       interval_margins, margin_certified, register)
 
 
 def relu_stability_penalty(relu_bounds: Sequence[Bounds]) -> jax.Array:

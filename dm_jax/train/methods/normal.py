@@ -1,7 +1,7 @@
 """Plain and weight-penalised training: ``normal``, ``l1``, ``l2``."""
 from __future__ import annotations
 
-from dm_jax.methods.base import MethodSpec, accuracy, cross_entropy, register
+from dm_jax.train.methods.base import MethodSpec, accuracy, cross_entropy, register
 
 DEFAULT_L1 = 2e-5   # SPEC.md (SingleProp): 2e-5 * sum_i ||W_i||_{op,inf}
 DEFAULT_L2 = 1e-4   # (choice) the paper gives none

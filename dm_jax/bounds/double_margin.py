@@ -8,7 +8,7 @@ Propagated alongside each other over the traced model:
   ``v' = (g(z + v) - g(z - v)) / 2 + |g(z + s + v) + g(z - s - v) - 2 g(z)| / 2``.
 
 Start: ``z = x``, ``s = eps``, ``v = 0`` (l-inf); for l2/l1/l0 the first linear layer
-gets the exact half range (see :mod:`dm_jax.propagation`). With a data box (``domain``,
+gets the exact half range (see :mod:`dm_jax.core.propagation`). With a data box (``domain``,
 l-inf) the expansion point moves to the centre of the clipped interval
 ``[max(x - eps, lo), min(x + eps, hi)]``, with ``s`` its half width, so the start is that
 interval exactly (``z`` is then the network at the centre, a point of the set; it equals
@@ -19,7 +19,7 @@ Variants (paper Table 2): ``"s_only"`` (Variation 1: no v) and ``"ibp_v"`` (Vari
 IBP bounds ``l, u`` replace ``z - s, z + s`` in the v rule and in the objective).
 
 Double Margin is NOT a sound bound; it is a training signal. Certify with
-:mod:`dm_jax.certify`.
+:mod:`dm_jax.verify.certify`.
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ from typing import Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from dm_jax import linear, propagation
-from dm_jax.input_sets import InputSet, canonical_norm, make_input_set
-from dm_jax.propagation import Abstract
+from dm_jax.bounds import linear
+from dm_jax.core import propagation
+from dm_jax.core.input_sets import InputSet, canonical_norm, make_input_set
+from dm_jax.core.propagation import Abstract
 
 VARIANTS = ("dm", "s_only", "ibp_v")
 

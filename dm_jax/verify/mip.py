@@ -14,7 +14,7 @@ flattened tensor. Variables are the perturbed input ``x'`` (and, for l1, the aux
 ``t >= |x' - x|``), then one continuous output variable (and its binaries) per *unstable*
 nonlinearity; affine layers are substituted, not given variables.
 
-- Affine primitives (kind affine in :mod:`dm_jax.primitives`: dot_general, conv,
+- Affine primitives (kind affine in :mod:`dm_jax.core.primitives`: dot_general, conv,
   add/sub/mul/div by constants, reshape, transpose, broadcast, concatenate, pad,
   reduce_sum, reduce_window_sum (average pooling), select_n with a constant selector, ...)
   are applied exactly: their Jacobian with respect to each input-dependent operand is
@@ -34,7 +34,7 @@ nonlinearity; affine layers are substituted, not given variables.
   first layer over an l1 ball), optionally tightened by one LP per bound
   (``tighten=True``).
 - Anything else that depends on the input raises
-  :class:`dm_jax.errors.UnsupportedPrimitiveError`.
+  :class:`dm_jax.core.errors.UnsupportedPrimitiveError`.
 
 Size limits. Matrices are dense and the MILP is solved by branch and bound, so this is
 meant for small networks: up to a few hundred unstable ReLUs (a few thousand ReLUs in
@@ -63,9 +63,9 @@ from scipy import sparse
 from scipy.optimize import Bounds as ScipyBounds
 from scipy.optimize import LinearConstraint, milp
 
-from dm_jax import interpreter, primitives
-from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import make_input_set
+from dm_jax.core import interpreter, primitives
+from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.core.input_sets import make_input_set
 
 DOMAIN_NAME = "MIP"
 SUPPORTED_NORMS = ("linf", "l1")

@@ -1,7 +1,7 @@
 """Training methods (losses and regularizers) of the DoubleMargin paper and its baselines.
 
 Every method is a pure, jit-able loss ``loss(params, apply_fn, x, y, hyper, key) ->
-(scalar_loss, metrics)`` (see :mod:`dm_jax.methods.base`), built by
+(scalar_loss, metrics)`` (see :mod:`dm_jax.train.methods.base`), built by
 ``get_method(name, **options)`` from the registry. Methods (SPEC.md "Double Margin" and
 "Baselines"), by the module that registers them:
 
@@ -26,25 +26,25 @@ The ``l1=`` / ``l2=`` options add the weight penalties to ANY method ("DM + L1",
 "L1+RS+Pruning"). Weight matrices are the pytree leaves named ``kernel``.
 
 The linear-bound methods (``crown_ibp``, ``bounded`` and ``ibp`` with ``ibp_margin=True``)
-use :func:`dm_jax.linear.margin_lower_bounds`, imported lazily when the loss is traced.
+use :func:`dm_jax.bounds.linear.margin_lower_bounds`, imported lazily when the loss is traced.
 
 A new method is one module here that calls :func:`register` with a :class:`MethodSpec`,
 imported below.
 """
 from typing import Tuple
 
-from dm_jax.methods.attacks import pgd_attack, trades_attack
-from dm_jax.methods.base import (COMMON_OPTIONS, LAM_FORMS, SOLVER_OPTIONS, Hyper, LossFn,
-                                 Method, MethodSpec, Options, accuracy, canonical_name,
-                                 cross_entropy, default_lam_final, get_method,
-                                 interval_margins, kappa_form, kappa_form_summary,
-                                 margin_certified, names, register, spec, unregister,
-                                 worst_case_logits)
-from dm_jax.methods.penalties import apply_masks, l1_penalty, l2_penalty, prune_small_weights
+from dm_jax.train.methods.attacks import pgd_attack, trades_attack
+from dm_jax.train.methods.base import (COMMON_OPTIONS, LAM_FORMS, SOLVER_OPTIONS, Hyper, LossFn,
+                                       Method, MethodSpec, Options, accuracy, canonical_name,
+                                       cross_entropy, default_lam_final, get_method,
+                                       interval_margins, kappa_form, kappa_form_summary,
+                                       margin_certified, names, register, spec, unregister,
+                                       worst_case_logits)
+from dm_jax.train.methods.penalties import apply_masks, l1_penalty, l2_penalty, prune_small_weights
 # The families: importing a module registers its methods (in this order: METHODS).
-from dm_jax.methods import normal, adversarial, ibp, linear, relu_stability, mmr  # noqa
-from dm_jax.methods import double_margin  # noqa: E402
-from dm_jax.methods.normal import DEFAULT_L1, DEFAULT_L2
+from dm_jax.train.methods import normal, adversarial, ibp, linear, relu_stability, mmr  # noqa
+from dm_jax.train.methods import double_margin  # noqa: E402
+from dm_jax.train.methods.normal import DEFAULT_L1, DEFAULT_L2
 
 
 def __getattr__(name: str) -> Tuple[str, ...]:

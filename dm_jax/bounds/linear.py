@@ -1,7 +1,7 @@
 """Linear (CROWN-family) bounds over the traced model: CNN-Cert-ReLU/-Ada/-Zero, IBP
 with the specification folded into the last affine layer, and CROWN-IBP.
 
-A forward interval pass (:mod:`dm_jax.propagation`) records a *tape*: one entry per
+A forward interval pass (:mod:`dm_jax.core.propagation`) records a *tape*: one entry per
 input-dependent equation, with the interval of every value. Bounds of ``C f(x)`` are then
 computed by a backward pass that carries coefficients ``A`` of shape (B, R, *value_shape)
 from the output to the input:
@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import conv, patches, primitives, propagation
-from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import InputSet, make_input_set, max_decrease
-from dm_jax.interval import Bounds, IntervalDomain
-from dm_jax.propagation import Abstract, InputAffine
+from dm_jax.core import conv, primitives, propagation
+from dm_jax.bounds import patches
+from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.core.input_sets import InputSet, make_input_set, max_decrease
+from dm_jax.bounds.interval import Bounds, IntervalDomain
+from dm_jax.core.propagation import Abstract, InputAffine
 
 _METHOD_ALIASES = {
     "fastlin": "fastlin", "relu": "fastlin", "cnn-cert-relu": "fastlin",
@@ -624,7 +625,7 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
   Args:
     apply_fn, params: the model ``(params, x) -> (B, K) logits``.
     x: (B, ...) nominal inputs; eps, norm, k, domain: the input set (see
-      :func:`dm_jax.input_sets.make_input_set`).
+      :func:`dm_jax.core.input_sets.make_input_set`).
     spec: (B, R, K) or (R, K) rows; default the identity (per-logit bounds).
     method: fastlin (CNN-Cert-ReLU), crown (CNN-Cert-Ada), zero (CNN-Cert-Zero), ibp
       (interval bounds with the spec folded into the last affine layer) or crown_ibp.
@@ -635,7 +636,7 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
       result is then an estimate, not a sound bound).
     chunk_bytes: memory budget of one chunk of intermediate-bound rows.
     use_patches: compute conv-layer intermediate bounds in patch form (same result,
-      much faster; see :mod:`dm_jax.patches`); False forces the dense form.
+      much faster; see :mod:`dm_jax.bounds.patches`); False forces the dense form.
     upper: also compute upper bounds (False halves the final pass; ``upper`` is then
       +inf).
     num_projections, key: the number of Cauchy vectors and the ``jax.random`` key for

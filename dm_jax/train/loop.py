@@ -4,11 +4,11 @@
 * :func:`create_train_state` builds the :class:`TrainState` pytree: params, Adam state
   (optionally behind ``clip_by_global_norm``), step, PRNG key and pruning masks.
 * :func:`make_train_step` compiles ONE step function: eps, lambda, kappa and the
-  learning rate are computed inside from ``state.step`` with :mod:`dm_jax.schedules`,
+  learning rate are computed inside from ``state.step`` with :mod:`dm_jax.train.schedules`,
   and batches have a static shape (``drop_remainder``), so it compiles once per run.
 * :func:`train` runs epochs over ``data.batches(x, y, batch_size, seed, epoch)``,
   writes per-epoch metrics as JSON lines to ``workdir/metrics.jsonl`` and checkpoints
-  with orbax (:mod:`dm_jax.checkpoint`) every ``checkpoint_every_steps`` steps and at
+  with orbax (:mod:`dm_jax.train.checkpoint`) every ``checkpoint_every_steps`` steps and at
   the end. ``resume=True`` restores the latest checkpoint and continues exactly: the
   epoch's permutation is recomputed from ``(seed, epoch)`` and the batches already done
   are skipped; the RNG key lives in the state.
@@ -28,7 +28,7 @@ Choices (documented here and in the report):
   convention); if that module is missing, the looser logit-interval check
   ``lower[y] > upper[j]`` from :func:`dm_jax.interval_bounds`. Both are sound. The DM
   margin statistics ``dm_s_mean``/``dm_v_mean`` are the mean output s and v there.
-  Paper-style tables come from :mod:`dm_jax.certify`.
+  Paper-style tables come from :mod:`dm_jax.verify.certify`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 from dm_jax import data as data_lib
-from dm_jax import schedules
+from dm_jax.train import schedules
 from dm_jax.models import get_model
 
 
@@ -126,7 +126,7 @@ class TrainConfig:
     if self.kappa_mode not in ("schedule", "ada"):
       raise ValueError(f"kappa_mode must be 'schedule' or 'ada'; got {self.kappa_mode!r}.")
     if self.kappa_mode == "ada":
-      from dm_jax import methods  # lazy: methods imports the bound modules
+      from dm_jax.train import methods  # lazy: methods imports the bound modules
       if not methods.kappa_form(self.method, self.lam_form):
         raise ValueError(
             "kappa_mode='ada' re-weights kappa CE(clean) + (1 - kappa) robust loss; it "
@@ -213,20 +213,20 @@ def create_train_state(config: TrainConfig, key, input_shape, *, model=None, tx=
 
 def canonical_method(name: str) -> str:
   """The registered method an alias stands for (``dm*`` -> ``dm``), see
-  :func:`dm_jax.methods.canonical_name`."""
-  from dm_jax import methods
+  :func:`dm_jax.train.methods.canonical_name`."""
+  from dm_jax.train import methods
   return methods.canonical_name(name)
 
 
 def _get_method(config: TrainConfig):
-  from dm_jax import methods  # lazy: methods imports the bound modules
+  from dm_jax.train import methods  # lazy: methods imports the bound modules
   return methods.get_method(config.method, norm=config.norm, l1=config.l1,
                             prune=config.prune, adv=config.adv, lam_form=config.lam_form,
                             **config.method_kwargs)
 
 
 def _make_hyper(eps, lam, kappa):
-  from dm_jax import methods
+  from dm_jax.train import methods
   return methods.Hyper(eps=eps, lam=lam, kappa=kappa)
 
 
@@ -300,8 +300,8 @@ class Evaluator:
   """Per-epoch evaluation: clean test accuracy, IBP-certified accuracy, DM margins."""
 
   def __init__(self, config: TrainConfig, apply_fn, dataset):
-    from dm_jax.double_margin import double_margin
-    from dm_jax.linear import margin_lower_bounds, worst_margin
+    from dm_jax.bounds.double_margin import double_margin
+    from dm_jax.bounds.linear import margin_lower_bounds, worst_margin
     self.config = config
     n_test = dataset.num_test if config.eval_test_examples is None else min(
         config.eval_test_examples, dataset.num_test)
@@ -385,7 +385,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
   Raises:
     FloatingPointError: a non-finite loss or parameter, naming the step.
   """
-  from dm_jax.checkpoint import Checkpointer
+  from dm_jax.train.checkpoint import Checkpointer
   config.validate()
   if config.max_train_examples is not None and config.max_train_examples < dataset.num_train:
     dataset = data_lib.subset(dataset, config.max_train_examples, None)
@@ -638,7 +638,7 @@ def _mean_holdout_losses(fn, state: TrainState, holdout, batch_size: int, eps: f
 
 
 def _prune(state: TrainState, threshold: float) -> TrainState:
-  from dm_jax.methods import prune_small_weights
+  from dm_jax.train.methods import prune_small_weights
   params, masks = prune_small_weights(state.params, threshold)
   # methods' masks are 0/1 for kernels and None elsewhere; the state keeps full trees.
   masks = jax.tree_util.tree_map(
@@ -650,7 +650,7 @@ def _prune(state: TrainState, threshold: float) -> TrainState:
 
 def load_params(workdir, config: TrainConfig, input_shape, num_classes: int):
   """Restores the params of the latest checkpoint in ``workdir`` (for certification)."""
-  from dm_jax.checkpoint import Checkpointer
+  from dm_jax.train.checkpoint import Checkpointer
   sched = schedules.resolve(config.dataset, 1 << 30, eps_final=config.eps_train,
                             lam_final=1.0, lr=config.lr)
   model, _ = build_model(config, num_classes)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from dm_jax.input_sets import TINY as _TINY  # sqrt(x + _TINY): finite grads at 0
-from dm_jax.input_sets import canonical_norm
+from dm_jax.core.input_sets import TINY as _TINY  # sqrt(x + _TINY): finite grads at 0
+from dm_jax.core.input_sets import canonical_norm
 
 
 def _per_example(eps, x):

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dm_jax.input_sets import canonical_norm
-from dm_jax.methods.penalties import add_penalties
+from dm_jax.core.input_sets import canonical_norm
+from dm_jax.train.methods.penalties import add_penalties
 
 # ``loss(params, apply_fn, x, y, hyper, key) -> (scalar, metrics)``.
 LossFn = Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
@@ -259,7 +259,7 @@ def worst_case_logits(lower: jax.Array, upper: jax.Array, labels: jax.Array) -> 
 
 def margin_certified(lb: jax.Array, labels: jax.Array) -> jax.Array:
   """Share of examples whose (B, K) margin lower bounds are > 0 for all j != y."""
-  from dm_jax.linear import worst_margin  # pylint: disable=import-outside-toplevel
+  from dm_jax.bounds.linear import worst_margin  # pylint: disable=import-outside-toplevel
   return jnp.mean((worst_margin(lb, labels) > 0).astype(jnp.float32))
 
 
@@ -269,8 +269,8 @@ def interval_margins(lower: jax.Array, upper: jax.Array, labels: jax.Array) -> j
 
 
 def margin_lower_bounds(apply_fn, params, x, y, eps, norm, method, domain, k, **kw):
-  """:func:`dm_jax.linear.margin_lower_bounds` (B, K), imported when the loss is traced."""
-  from dm_jax import linear  # pylint: disable=import-outside-toplevel
+  """:func:`dm_jax.bounds.linear.margin_lower_bounds` (B, K), imported when the loss is traced."""
+  from dm_jax.bounds import linear  # pylint: disable=import-outside-toplevel
   return linear.margin_lower_bounds(apply_fn, params, x, y, eps, norm, method=method,
                                     domain=domain, k=k, **kw)
 

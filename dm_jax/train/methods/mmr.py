@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dm_jax.input_sets import dual_norm
-from dm_jax.interval import interval_bounds
-from dm_jax.methods.attacks import flat_norm
-from dm_jax.methods.base import LossFn, MethodSpec, Options, accuracy, cross_entropy, register
+from dm_jax.core.input_sets import dual_norm
+from dm_jax.bounds.interval import interval_bounds
+from dm_jax.train.methods.attacks import flat_norm
+from dm_jax.train.methods.base import LossFn, MethodSpec, Options, accuracy, cross_entropy, register
 
 
 def relu_preactivations(apply_fn, params, x: jax.Array) -> jax.Array:

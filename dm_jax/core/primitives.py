@@ -1,10 +1,10 @@
 """What dm_jax knows about each JAX primitive, in one table.
 
 Every bound domain reads this table instead of keeping its own sets: the forward domains
-(interval, Double Margin) in :mod:`dm_jax.propagation`, the linear (CROWN-family) tape
-and backward pass in :mod:`dm_jax.linear`, the windowed backward pass in
-:mod:`dm_jax.patches`, the exact MIP in :mod:`dm_jax.mip`, and the message of
-:class:`dm_jax.errors.UnsupportedPrimitiveError`. A primitive not listed here is
+(interval, Double Margin) in :mod:`dm_jax.core.propagation`, the linear (CROWN-family) tape
+and backward pass in :mod:`dm_jax.bounds.linear`, the windowed backward pass in
+:mod:`dm_jax.bounds.patches`, the exact MIP in :mod:`dm_jax.verify.mip`, and the message of
+:class:`dm_jax.core.errors.UnsupportedPrimitiveError`. A primitive not listed here is
 unsupported wherever it depends on the perturbed input (it is evaluated as usual where
 it does not: on weights, shapes, constants).
 
@@ -51,7 +51,7 @@ CLAMPED = "clamped"      # clamp with constant ends (CLAMP kind)
 # tape: how the linear (CROWN-family) methods record it; None: they do not support it.
 TAPE_AFFINE, TAPE_RELU, TAPE_MAXPOOL = "affine", "relu", "maxpool"
 
-# patch: the windowed backward pass (dm_jax.patches) for conv stacks; None: dense only.
+# patch: the windowed backward pass (dm_jax.bounds.patches) for conv stacks; None: dense only.
 PATCH_PASS = "pass"              # identity on values (dtype casts, copies)
 PATCH_ELEMENTWISE = "elementwise"  # element-wise with a same-shape or broadcast constant
 PATCH_CONV = "conv"              # NHWC convolution of the input-dependent lhs

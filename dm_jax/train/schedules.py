@@ -164,11 +164,11 @@ def resolve(dataset: str, total_steps: int, *, eps_final: float, lam_final: floa
 
 
 def default_lam_final(method: str, lam_form: str = "paper") -> float:
-  """Final lambda when none is given: :func:`dm_jax.methods.default_lam_final`.
+  """Final lambda when none is given: :func:`dm_jax.train.methods.default_lam_final`.
 
   Paper form: 2 for ``dm`` (and its variants), 1 for ``dm*``, 1.0 for the other methods
   (their loss decides what lambda means). ``lam_form != "paper"`` (SingleProp's kappa
   form, lambda = 1 - kappa): 0.5.
   """
-  from dm_jax import methods  # pylint: disable=import-outside-toplevel
+  from dm_jax.train import methods  # pylint: disable=import-outside-toplevel
   return methods.default_lam_final(method, lam_form)

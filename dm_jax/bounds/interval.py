@@ -11,8 +11,8 @@ from typing import Callable, Optional, Tuple
 
 import jax
 
-from dm_jax import propagation
-from dm_jax.input_sets import make_input_set
+from dm_jax.core import propagation
+from dm_jax.core.input_sets import make_input_set
 
 
 @jax.tree_util.register_dataclass

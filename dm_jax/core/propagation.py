@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import conv, interpreter, primitives
-from dm_jax.errors import UnsupportedPrimitiveError
-from dm_jax.input_sets import TINY, InputSet, l0_moves, topk_sum
+from dm_jax.core import conv, interpreter, primitives
+from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.core.input_sets import TINY, InputSet, l0_moves, topk_sum
 
 
 
@@ -80,7 +80,7 @@ class ForwardDomain:
 
 # ----------------------------------------------------------------------------- affine
 
-# The forward domains' affine primitives (dm_jax.primitives: kind affine, with a
+# The forward domains' affine primitives (dm_jax.core.primitives: kind affine, with a
 # forward rule).
 AFFINE_PRIMITIVES = primitives.names(kind=primitives.AFFINE) - primitives.names(forward=None)
 
@@ -91,7 +91,7 @@ def _bind(eqn, *args):
 
 def _fast_conv(eqn):
   """For a strided NHWC convolution of an abstract lhs: ``(lhs, rhs) -> conv`` with the
-  faster input gradient of :func:`dm_jax.conv.conv2d`; else None."""
+  faster input gradient of :func:`dm_jax.core.conv.conv2d`; else None."""
   p = eqn.params
   if (eqn.primitive.name != "conv_general_dilated" or not conv.is_nhwc_conv(eqn)
       or all(st == 1 for st in p["window_strides"])

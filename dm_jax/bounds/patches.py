@@ -13,7 +13,7 @@ constants are read from the windows of their maps (zero outside the map, which a
 removes the coefficients of zero padding).
 
 Only chains of NHWC convolutions, element-wise affine ops, residual additions, ReLUs and
-max pooling are handled; :mod:`dm_jax.linear` falls back to dense form for anything else. The
+max pooling are handled; :mod:`dm_jax.bounds.linear` falls back to dense form for anything else. The
 results equal the dense backward pass exactly (same relaxations, same arithmetic up to
 float rounding).
 """
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax import primitives
-from dm_jax.conv import conv_input_transpose, is_nhwc_conv
-from dm_jax.input_sets import max_decrease
+from dm_jax.core import primitives
+from dm_jax.core.conv import conv_input_transpose, is_nhwc_conv
+from dm_jax.core.input_sets import max_decrease
 
 _ELEMENTWISE_CONST = primitives.names(patch=primitives.PATCH_ELEMENTWISE)
 _PASS_THROUGH = primitives.names(patch=primitives.PATCH_PASS)
@@ -170,8 +170,8 @@ def _conv_back(patch: Patch, eqn, kernel) -> Patch:
 
 def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concretize_fn,
                      maxpool_relaxation):
-  """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like dm_jax.linear's
-  dense ``backward``; ``relaxation`` and ``maxpool_relaxation`` are dm_jax.linear's."""
+  """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like dm_jax.bounds.linear's
+  dense ``backward``; ``relaxation`` and ``maxpool_relaxation`` are dm_jax.bounds.linear's."""
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
   offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
@@ -233,7 +233,7 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
 
 
 def _maxpool_back(patch: Patch, eqn, pre_bounds, win, maxpool_relaxation):
-  """Max pooling with dm_jax.linear's relaxation: the coefficients go to the window
+  """Max pooling with dm_jax.bounds.linear's relaxation: the coefficients go to the window
   element with the largest lower bound, negative ones only when it dominates its window
   (else they meet the constant largest upper bound)."""
   l, u = pre_bounds

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dm_jax import linear
-from dm_jax.input_sets import canonical_norm, make_input_set
-from dm_jax.interval import interval_bounds
+from dm_jax.bounds import linear
+from dm_jax.core.input_sets import canonical_norm, make_input_set
+from dm_jax.bounds.interval import interval_bounds
 
 CERTIFY_METHODS = linear.METHODS + ("mip",)
 
@@ -82,7 +82,7 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   if method == "mip":
-    from dm_jax import mip  # scipy solver: small nets only, not jit-able
+    from dm_jax.verify import mip  # scipy solver: small nets only, not jit-able
     if norm not in ("linf", "l1") or np.unique(eps_arr).size != 1:
       raise ValueError("method='mip' needs norm linf or l1 and one eps for all points.")
     cert, lower = mip.exact_certify(apply_fn, params, x, y, float(eps_arr[0]), norm,
@@ -187,7 +187,7 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
                skip: Optional[Sequence[np.ndarray]] = None, chunk: int = 10) -> list:
   """Points PGD does not break, per eps: a list of (N,) bool (the empirical upper bound).
 
-  PGD (:func:`dm_jax.methods.pgd_attack`) on the margin loss ``max_{j != y} f_j - f_y``,
+  PGD (:func:`dm_jax.train.methods.pgd_attack`) on the margin loss ``max_{j != y} f_j - f_y``,
   ``steps`` steps of ``step_size`` (default ``2.5 eps / steps``, Madry et al.'s rule)
   from each of ``restarts`` uniform random starts, inside the ball and the data box
   (``domain``, default [0, 1]: images stay images). A point is robust at eps if it is
@@ -197,7 +197,7 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
   which a sound certificate says PGD cannot break); they count as robust. The steps run
   in compiled chunks of ``chunk`` (one compile for every eps and restart).
   """
-  from dm_jax.methods import pgd_attack  # pylint: disable=import-outside-toplevel
+  from dm_jax.train.methods import pgd_attack  # pylint: disable=import-outside-toplevel
   x, y = _check_xy(x, y)
   if steps < 1 or restarts < 1 or chunk < 1:
     raise ValueError(f"PGD needs steps, restarts and chunk >= 1; got {steps}, {restarts}, "

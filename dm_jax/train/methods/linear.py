@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from dm_jax.methods.base import (LAM_FORMS, LossFn, MethodSpec, Options, accuracy,
-                                 cross_entropy, margin_certified, margin_lower_bounds,
-                                 register)
+from dm_jax.train.methods.base import (LAM_FORMS, LossFn, MethodSpec, Options, accuracy,
+                                       cross_entropy, margin_certified, margin_lower_bounds,
+                                       register)
 
 
 def _linear_loss(lin_method: str, options: Options) -> LossFn:

@@ -1,6 +1,6 @@
 """Exceptions raised by dm_jax."""
 
-from dm_jax import primitives
+from dm_jax.core import primitives
 
 
 class UnsupportedPrimitiveError(NotImplementedError):

@@ -6,8 +6,8 @@ from typing import Any, Dict
 import jax.numpy as jnp
 from jax import lax
 
-from dm_jax.methods.attacks import check_attack_norm, pgd_attack, softmax_kl, trades_attack
-from dm_jax.methods.base import LossFn, MethodSpec, Options, accuracy, cross_entropy, register
+from dm_jax.train.methods.attacks import check_attack_norm, pgd_attack, softmax_kl, trades_attack
+from dm_jax.train.methods.base import LossFn, MethodSpec, Options, accuracy, cross_entropy, register
 
 PGD_OPTIONS = ("pgd_steps", "pgd_step_size", "pgd_random_start")
 

@@ -1,0 +1,2 @@
+"""Certification: certified-accuracy tables over the bound methods and PGD, and the
+exact MIP for small networks."""
