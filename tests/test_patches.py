@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from dm_jax import get_model
-from dm_jax.bounds import linear
-from dm_jax.core import conv
-from dm_jax.bounds import patches
+from dm_jax.bounds import linear, patches
+from dm_jax.core import conv, primitives
 
 # The first case of each list runs by default (tests/conftest.py), the rest in the sweep.
 CASES = [("resnet", (8, 8, 1)), ("small", (10, 10, 2)), ("pureconv", (8, 8, 1)),
@@ -39,7 +38,7 @@ def test_patch_form_is_used_for_conv_layers():
   params = model.init(jax.random.PRNGKey(1), x)
   iset = linear.make_input_set(x, 0.01)
   tape = linear.record_tape(model.apply, params, iset)
-  relu_nodes = [e.refs[0][1] for e in tape.entries if e.kind == "relu"]
+  relu_nodes = [e.node for e in tape.entries if e.kind == primitives.TAPE_RELU]
   assert len(relu_nodes) == 2
   assert all(patches.supported(tape, n) for n in relu_nodes)
 

@@ -29,19 +29,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax.core import conv, primitives, propagation
 from dm_jax.bounds import patches
+from dm_jax.bounds.interval import Bounds
+# record_tape and Tape are re-exported: the tape is this module's input.
+from dm_jax.bounds.tape import Entry, NodeRef, Tape, interval_of, record_tape  # noqa: F401
+from dm_jax.core import conv, primitives
 from dm_jax.core.errors import UnsupportedPrimitiveError
 from dm_jax.core.input_sets import InputSet, make_input_set, max_decrease
-from dm_jax.bounds.interval import Bounds, IntervalDomain
-from dm_jax.core.propagation import Abstract, InputAffine
 
 _METHOD_ALIASES = {
     "fastlin": "fastlin", "relu": "fastlin", "cnn-cert-relu": "fastlin",
@@ -64,78 +65,6 @@ def canonical_method(method: str) -> str:
     raise ValueError(f"Unknown bound method {method!r}; expected one of "
                      f"{', '.join(METHODS)} (aliases: relu, ada, cnn-cert-relu, ...).")
   return _METHOD_ALIASES[key]
-
-
-# ------------------------------------------------------------------------------ tape
-
-@dataclasses.dataclass
-class Entry:
-  """One input-dependent equation: its primitive, operands and output node."""
-  eqn: Any
-  refs: List[Tuple[str, Any]]  # ("node", index) or ("const", value)
-  out: int
-  kind: str  # "affine", "relu", "maxpool"
-  relu_const: Any = None  # the constant c of max(x, c)
-
-
-@dataclasses.dataclass
-class Tape:
-  """The recorded model: entries in execution order and every node's value in the
-  forward domain that recorded it (interval, unless :func:`record_tape` was given
-  another, e.g. Double Margin for its folded margins)."""
-  entries: List[Entry]
-  values: List[Any]  # per node: Abstract (of ``domain``) or InputAffine
-  iset: InputSet
-  output: int
-  domain: propagation.ForwardDomain = dataclasses.field(default_factory=IntervalDomain)
-
-
-def _classify(eqn, invals) -> Tuple[str, Any]:
-  name = eqn.primitive.name
-  tape = getattr(primitives.rule(name), "tape", None)
-  if tape == primitives.TAPE_AFFINE:
-    return "affine", None
-  if tape == primitives.TAPE_RELU and len(invals) == 2:
-    is_abs = [isinstance(v, (Abstract, InputAffine)) for v in invals]
-    if sum(is_abs) == 1:
-      return "relu", invals[1 - is_abs.index(True)]
-  if tape == primitives.TAPE_MAXPOOL:
-    return "maxpool", None
-  raise UnsupportedPrimitiveError(name, "linear (CROWN-family)")
-
-
-def record_tape(apply_fn, params, iset: InputSet,
-                domain: Optional[propagation.ForwardDomain] = None) -> Tape:
-  """Forward pass over the model in ``domain`` (default: intervals, which every sound
-  bound here needs) that records every input-dependent equation."""
-  domain = IntervalDomain() if domain is None else domain
-  values: List[Any] = []
-  index: Dict[int, int] = {}
-  entries: List[Entry] = []
-
-  def recorder(eqn, invals, outval):
-    index[id(outval)] = len(values)
-    values.append(outval)
-    if eqn is None:  # the input
-      return
-    kind, const = _classify(eqn, invals)
-    refs = [("node", index[id(v)]) if isinstance(v, (Abstract, InputAffine))
-            else ("const", v) for v in invals]
-    entries.append(Entry(eqn, refs, index[id(outval)], kind, const))
-
-  out, _ = propagation.propagate(apply_fn, params, iset, domain, recorder)
-  if id(out) not in index:  # the output does not depend on the input
-    raise ValueError("The model's output does not depend on its input; nothing to bound.")
-  return Tape(entries, values, iset, index[id(out)], domain)
-
-
-def _interval(tape: Tape, node: int) -> Tuple[jax.Array, jax.Array]:
-  """The range of a node's value in the tape's domain (for the interval domain, its
-  sound interval)."""
-  value = tape.values[node]
-  if isinstance(value, InputAffine):
-    value = propagation.box_of_symbolic(value, tape.iset, tape.domain)
-  return tape.domain.value_range(value)
 
 
 # --------------------------------------------------------------------- relaxations
@@ -229,20 +158,20 @@ def _affine_backward(entry: Entry, A, env_const):
   """Returns ([(node, A_node)], offset (B, R)) for an affine entry."""
   eqn = entry.eqn
   name = eqn.primitive.name
-  nodes = [(i, r[1]) for i, r in enumerate(entry.refs) if r[0] == "node"]
+  nodes = entry.nodes()
   primals = {i: env_const(node) for i, node in nodes}
 
   prim = primitives.rule(name)
 
   def operand(j, i, t):
-    kind, val = entry.refs[j]
+    ref = entry.refs[j]
     if j == i:
       return t
-    if kind == "node":
+    if isinstance(ref, NodeRef):
       return jnp.zeros_like(primals[j])
     if primitives.is_bias_operand(prim, j):
-      return jnp.zeros_like(val)
-    return val
+      return jnp.zeros_like(ref.value)
+    return ref.value
 
   out = []
   if name == "conv_general_dilated" and [i for i, _ in nodes] == [0] \
@@ -251,7 +180,7 @@ def _affine_backward(entry: Entry, A, env_const):
     (_, node), = nodes
     shape = primals[0].shape
     rows = A.reshape((-1,) + A.shape[2:])
-    back = conv.conv_input_transpose(rows, entry.refs[1][1], eqn.params["window_strides"],
+    back = conv.conv_input_transpose(rows, entry.refs[1].value, eqn.params["window_strides"],
                                         eqn.params["padding"], shape[1:3])
     return [(node, back.reshape(A.shape[:2] + shape[1:]))], None
   for i, node in nodes:
@@ -259,7 +188,7 @@ def _affine_backward(entry: Entry, A, env_const):
         *[operand(j, i, t) for j in range(len(entry.refs))], **eqn.params)
     out.append((node, _transpose_rows(fn, A, primals[i])))
   bias = eqn.primitive.bind(
-      *[jnp.zeros_like(primals[j]) if r[0] == "node" else r[1]
+      *[jnp.zeros_like(primals[j]) if isinstance(r, NodeRef) else r.value
         for j, r in enumerate(entry.refs)], **eqn.params)
   offset = None if prim.constants == primitives.COEFFICIENT else _sum_rows(A, bias)
   return out, offset
@@ -295,9 +224,9 @@ def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
   (rows @ W^T once, not per example) or a flatten; None where it does not apply."""
   eqn = entry.eqn
   name = eqn.primitive.name
-  nodes = [i for i, r in enumerate(entry.refs) if r[0] == "node"]
+  nodes = [i for i, _ in entry.nodes()]
   if name == "reshape" and nodes == [0] and eqn.params.get("dimensions") is None:
-    node = entry.refs[0][1]
+    node = entry.refs[0].index
     in_shape = tuple(env_const(node).shape)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     if in_shape[:1] == out_shape[:1]:  # the batch axis stays first (a flatten)
@@ -307,8 +236,8 @@ def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
   if len(nodes) != 1 or len(entry.refs) != 2:
     return None
   (i,) = nodes
-  node = entry.refs[i][1]
-  const = entry.refs[1 - i][1]
+  node = entry.refs[i].index
+  const = entry.refs[1 - i].value
   if name in ("add", "add_any", "sub"):
     out_shape = tuple(eqn.outvars[0].aval.shape)
     if np.broadcast_shapes(np.shape(const), out_shape) != out_shape:
@@ -354,14 +283,14 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
   def add(node, a):
     coeffs[node] = dense(coeffs[node]) + dense(a) if node in coeffs else a
 
-  nominal = lambda node: _interval(tape, node)[0]
+  nominal = lambda node: interval_of(tape, node)[0]
   for entry in reversed(tape.entries):
     if entry.out > target or entry.out not in coeffs:
       continue
     if entry.out in stop_nodes:
       continue
     A_out = coeffs.pop(entry.out)
-    if isinstance(A_out, SharedRows) and entry.kind == "affine":
+    if isinstance(A_out, SharedRows) and entry.kind == primitives.TAPE_AFFINE:
       fast = _shared_affine_backward(entry, A_out, nominal)
       if fast is not None:
         node, a, bias_term = fast
@@ -370,16 +299,16 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
           offset = offset + bias_term
         continue
     A_out = dense(A_out)
-    if entry.kind == "affine":
+    if entry.kind == primitives.TAPE_AFFINE:
       pulled, bias_term = _affine_backward(entry, A_out, nominal)
       for node, a in pulled:
         add(node, a)
       if bias_term is not None:
         offset = offset + bias_term
       continue
-    (_, node) = next(r for r in entry.refs if r[0] == "node")
+    node = entry.node
     l, u = bounds[node]
-    if entry.kind == "relu":
+    if entry.kind == primitives.TAPE_RELU:
       lo_s, lo_b, up_s, up_b = _relu_relaxation(l, u, entry.relu_const, method)
       # = pos * lo_s + neg * up_s (pos/neg the parts of A_out) with one select instead
       # of two materialised parts: fewer passes over (B, R, ...), under grad too.
@@ -423,7 +352,8 @@ def folded_lower_bounds(tape: Tape, A) -> jax.Array:
     (B, R) lower bounds: ``min <A C_out, h>`` over each stop node's range ``h``, plus the
     affine offsets; sound where the tape's ranges are (the interval domain).
   """
-  stops = {e.out: _interval(tape, e.out) for e in tape.entries if e.kind != "affine"}
+  stops = {e.out: interval_of(tape, e.out) for e in tape.entries
+           if e.kind != primitives.TAPE_AFFINE}
   return backward(tape, tape.output, A, {}, "crown", stop_nodes=stops)
 
 
@@ -434,8 +364,8 @@ def _exact_forward_nodes(tape: Tape) -> set:
   most one linear map with weights (and element-wise affine/structural steps)."""
   depth = {0: 0}
   for e in tape.entries:
-    nodes = [r[1] for r in e.refs if r[0] == "node"]
-    if e.kind != "affine" or len(nodes) != 1 or nodes[0] not in depth:
+    nodes = [n for _, n in e.nodes()]
+    if e.kind != primitives.TAPE_AFFINE or len(nodes) != 1 or nodes[0] not in depth:
       continue
     name = e.eqn.primitive.name
     weights = 1 if name in ("dot_general", "conv_general_dilated") else 0
@@ -449,10 +379,10 @@ def _exact_forward_nodes(tape: Tape) -> set:
 
 def _identity_bounds(tape, node, bounds, method, chunk_bytes):
   """(l, u) of every element of ``node`` by backward passes, chunked by neurons."""
-  value_lo, _ = _interval(tape, node)
+  value_lo, _ = interval_of(tape, node)
   batch, shape = value_lo.shape[0], value_lo.shape[1:]
   n = int(np.prod(shape))
-  widest = max(int(np.prod(np.shape(_interval(tape, i)[0])[1:])) for i in range(node + 1))
+  widest = max(int(np.prod(np.shape(interval_of(tape, i)[0])[1:])) for i in range(node + 1))
   chunk = max(1, min(n, chunk_bytes // max(1, batch * 2 * widest * 4)))
   n_chunks = math.ceil(n / chunk)
 
@@ -480,13 +410,13 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
   bounds: Dict[int, Tuple] = {}
   exact = _exact_forward_nodes(tape) if intermediate == "linear" else set()
   for e in tape.entries:
-    if e.kind == "affine":
+    if e.kind == primitives.TAPE_AFFINE:
       continue
-    node = next(r[1] for r in e.refs if r[0] == "node")
+    node = e.node
     if node in bounds:
       continue
     if intermediate == "ibp" or node in exact:
-      bounds[node] = _interval(tape, node)
+      bounds[node] = interval_of(tape, node)
     elif use_patches and patches.supported(tape, node):
       bounds[node] = patches.identity_bounds(
           tape, node, bounds, method, _relu_relaxation, chunk_bytes, maxpool_relaxation)
@@ -505,13 +435,13 @@ def _linear_part(entry: Entry, node_values: Dict[int, Any]):
   eqn = entry.eqn
   prim = primitives.rule(eqn.primitive.name)
   args = []
-  for j, (kind, val) in enumerate(entry.refs):
-    if kind == "node":
+  for j, ref in enumerate(entry.refs):
+    if isinstance(ref, NodeRef):
       args.append(node_values[j])
     elif primitives.is_bias_operand(prim, j):
-      args.append(jnp.zeros_like(val))
+      args.append(jnp.zeros_like(ref.value))
     else:
-      args.append(val)
+      args.append(ref.value)
   return eqn.primitive.bind(*args, **eqn.params)
 
 
@@ -572,24 +502,25 @@ def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict
   proj = {0: noise((upper - lower) / 2)}
   exact = _exact_forward_nodes(tape)
   bounds: Dict[int, Tuple] = {}
-  last = max((i for i, e in enumerate(tape.entries) if e.kind != "affine"), default=-1)
+  last = max((i for i, e in enumerate(tape.entries) if e.kind != primitives.TAPE_AFFINE),
+             default=-1)
   for entry in tape.entries[:last + 1]:
-    nodes = {j: r[1] for j, r in enumerate(entry.refs) if r[0] == "node"}
-    if entry.kind == "affine":
+    nodes = dict(entry.nodes())
+    if entry.kind == primitives.TAPE_AFFINE:
       centre[entry.out] = entry.eqn.primitive.bind(
-          *[centre[r[1]] if r[0] == "node" else r[1] for r in entry.refs],
+          *[centre[r.index] if isinstance(r, NodeRef) else r.value for r in entry.refs],
           **entry.eqn.params)
       js = sorted(nodes)
       lin = lambda *ts, js=js, entry=entry: _linear_part(entry, dict(zip(js, ts)))
       proj[entry.out] = jax.vmap(lin, in_axes=1, out_axes=1)(*[proj[nodes[j]] for j in js])
       continue
-    if entry.kind != "relu":
+    if entry.kind != primitives.TAPE_RELU:
       raise UnsupportedPrimitiveError(entry.eqn.primitive.name, "random projections",
                                       "only ReLU networks; use exact intermediate bounds")
     (node,) = nodes.values()
     if node not in bounds:
       if node in exact:
-        bounds[node] = _interval(tape, node)
+        bounds[node] = interval_of(tape, node)
       else:
         radius = cauchy_scale(proj[node], axis=1)
         bounds[node] = (centre[node] - radius, centre[node] + radius)
@@ -724,7 +655,7 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
                    chunk_bytes, use_patches, upper, num_projections, key) -> Bounds:
   """:func:`linear_bounds` on one block's input set (arguments validated there)."""
   tape = record_tape(apply_fn, params, iset)
-  out_lo, _ = _interval(tape, tape.output)
+  out_lo, _ = interval_of(tape, tape.output)
   batch, num = out_lo.shape[0], int(np.prod(out_lo.shape[1:]))
   if spec is None:
     spec = jnp.eye(num, dtype=out_lo.dtype)
@@ -805,8 +736,8 @@ def relu_input_bounds(apply_fn, params, x, eps, norm="linf", *, method="crown",
   relax = "crown" if method in ("crown_ibp", "ibp") else method
   inter = "ibp" if method in ("crown_ibp", "ibp") else "linear"
   bounds = intermediate_bounds(tape, relax, inter, chunk_bytes)
-  nodes = [next(r[1] for r in e.refs if r[0] == "node") for e in tape.entries
-           if e.kind == "relu" and _is_zero(e.relu_const)]
+  nodes = [e.node for e in tape.entries
+           if e.kind == primitives.TAPE_RELU and _is_zero(e.relu_const)]
   return [bounds[n] for n in nodes]
 
 

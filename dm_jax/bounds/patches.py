@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dm_jax.bounds.tape import NodeRef, node_shape, nominal_of
 from dm_jax.core import primitives
 from dm_jax.core.conv import conv_input_transpose, is_nhwc_conv
 from dm_jax.core.input_sets import max_decrease
@@ -69,28 +70,25 @@ def windows(t, K, S, P, out_hw):
   return jnp.stack(rows, axis=3)
 
 
-def _node_refs(entry):
-  return [(i, r[1]) for i, r in enumerate(entry.refs) if r[0] == "node"]
 
 
 def supported(tape, target) -> bool:
   """Whether every equation between the input and ``target`` has a patch rule."""
-  shapes = {i: np.shape(v.centres[0]) if hasattr(v, "centres") else np.shape(v.value)
-            for i, v in enumerate(tape.values)}
+  shapes = {i: node_shape(tape, i) for i in range(len(tape.values))}
   if len(shapes[target]) != 4 or len(shapes[0]) != 4:
     return False
   needed = {target}
   for e in reversed(tape.entries):
     if e.out > target or e.out not in needed:
       continue
-    nodes = _node_refs(e)
+    nodes = e.nodes()
     needed.update(n for _, n in nodes)
     if len(shapes[e.out]) != 4:
       return False
     name = e.eqn.primitive.name
-    if e.kind == "relu":
+    if e.kind == primitives.TAPE_RELU:
       continue
-    if e.kind == "maxpool":
+    if e.kind == primitives.TAPE_MAXPOOL:
       p = e.eqn.params
       if (len(p["window_dimensions"]) != 4 or p["window_dimensions"][0] != 1
           or p["window_dimensions"][3] != 1 or p["window_strides"][0] != 1
@@ -99,7 +97,7 @@ def supported(tape, target) -> bool:
           or any(d != 1 for d in p["base_dilation"] + p["window_dilation"])):
         return False
       continue
-    if e.kind != "affine":
+    if e.kind != primitives.TAPE_AFFINE:
       return False
     if name == "conv_general_dilated":
       if [i for i, _ in nodes] != [0] or not is_nhwc_conv(e.eqn):
@@ -175,7 +173,6 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
   offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
-  lower_of = lambda n: tape_interval(tape, n)
 
   def add(node, patch):
     coeffs[node] = _merge(coeffs.get(node), patch)
@@ -185,9 +182,9 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
       continue
     patch = coeffs.pop(e.out)
     name = e.eqn.primitive.name
-    nodes = _node_refs(e)
+    nodes = e.nodes()
     win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
-    if e.kind == "relu":
+    if e.kind == primitives.TAPE_RELU:
       (_, node), = nodes
       l, u = bounds[node]
       lo_s, lo_b, up_s, up_b = relaxation(l, u, e.relu_const, method)
@@ -201,28 +198,29 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
                                        win(up_b)[:, :, :, None])
       offset = offset + jnp.sum(picked_b, axis=(4, 5, 6))
       add(node, Patch(A, patch.K, patch.S, patch.P))
-    elif e.kind == "maxpool":
+    elif e.kind == primitives.TAPE_MAXPOOL:
       (_, node), = nodes
       coef, extra = _maxpool_back(patch, e.eqn, bounds[node], win, maxpool_relaxation)
       offset = offset + extra
       add(node, coef)
     elif name == "conv_general_dilated":
-      add(nodes[0][1], _conv_back(patch, e.eqn, e.refs[1][1]))
+      add(nodes[0][1], _conv_back(patch, e.eqn, e.refs[1].value))
     elif name in _PASS_THROUGH:
       add(nodes[0][1], patch)
     elif name in _NEGATION:
       add(nodes[0][1], Patch(-patch.A, patch.K, patch.S, patch.P))
     elif name in ("mul", "div"):
       (_, node), = nodes
-      const = e.refs[1 - nodes[0][0]][1]
-      shape = np.shape(lower_of(node))
+      const = e.refs[1 - nodes[0][0]].value
+      shape = node_shape(tape, node)
       factor = jnp.broadcast_to(1 / const if name == "div" else const, shape)
       add(node, Patch(patch.A * win(factor)[:, :, :, None], patch.K, patch.S, patch.P))
     else:  # add / sub / add_any
-      shape = np.shape(lower_of(e.out))
+      shape = node_shape(tape, e.out)
       zeros = jnp.zeros(shape, patch.A.dtype)
       bias = e.eqn.primitive.bind(
-          *[zeros if r[0] == "node" else r[1] for r in e.refs], **e.eqn.params)
+          *[zeros if isinstance(r, NodeRef) else r.value for r in e.refs],
+          **e.eqn.params)
       offset = offset + _win_sum(patch.A, win(jnp.broadcast_to(bias, shape)))
       for i, node in nodes:
         sign = -1.0 if (name == "sub" and i == 1) else 1.0
@@ -259,11 +257,6 @@ def _maxpool_back(patch: Patch, eqn, pre_bounds, win, maxpool_relaxation):
   return Patch(out, K, S, P), extra
 
 
-def tape_interval(tape, node):
-  value = tape.values[node]
-  return value.centres[0] if hasattr(value, "centres") else value.value
-
-
 def concretize(patch: Patch, out_hw, iset):
   """min over the input set of the windowed linear functions: (B, H, W, R)."""
   win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
@@ -281,10 +274,10 @@ def concretize(patch: Patch, out_hw, iset):
 def identity_bounds(tape, target, bounds, method, relaxation, chunk_bytes: int,
                     maxpool_relaxation):
   """(l, u) of every element of the NHWC node ``target`` in patch form."""
-  ref = tape_interval(tape, target)
+  ref = nominal_of(tape, target)
   b, h, w, c = ref.shape
   # Rows: +e_c (lower bounds) and -e_c (upper bounds), chunked over channels for memory.
-  widest = max(int(np.prod(np.shape(tape_interval(tape, i))[1:])) for i in range(target + 1))
+  widest = max(int(np.prod(node_shape(tape, i)[1:])) for i in range(target + 1))
   per_channel = b * h * w * 2 * max(widest, 1) * 4
   chunk = int(max(1, min(c, chunk_bytes // max(per_channel, 1))))
   n_chunks = math.ceil(c / chunk)
