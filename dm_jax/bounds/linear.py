@@ -580,9 +580,21 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
   Returns:
     Bounds with (B, R) lower and upper.
   """
+  return linear_bounds_over(apply_fn, params, make_input_set(x, eps, norm, k, domain),
+                            spec=spec, method=method, intermediate=intermediate,
+                            chunk_bytes=chunk_bytes, use_patches=use_patches, upper=upper,
+                            num_projections=num_projections, key=key,
+                            batch_block=batch_block)
+
+
+def linear_bounds_over(apply_fn, params, iset: InputSet, *, spec=None, method="crown",
+                       intermediate=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                       use_patches: bool = True, upper: bool = True,
+                       num_projections: int = 50, key=None,
+                       batch_block: Optional[int] = None) -> Bounds:
+  """:func:`linear_bounds` over a built (validated) input set: (B, R) bounds."""
   method = canonical_method(method)
-  iset = make_input_set(x, eps, norm, k, domain)  # also validates the whole batch
-  batch = x.shape[0]
+  batch = iset.x.shape[0]
   if batch_block is None:
     batch_block = default_batch_block(method, intermediate)
   if not isinstance(batch_block, (int, np.integer)) or batch_block < 0:
@@ -593,12 +605,12 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
   if not batch_block or batch <= batch_block:
     return _linear_bounds(apply_fn, params, iset, spec, key=key, **kwargs)
 
-  def block_bounds(xb, eb, sb, i):
+  def block_bounds(block_set, sb, i):
     # Each block draws its own projections (the same key would repeat them per block).
-    return _linear_bounds(apply_fn, params, make_input_set(xb, eb, norm, k, domain), sb,
+    return _linear_bounds(apply_fn, params, block_set, sb,
                           key=None if key is None else jax.random.fold_in(key, i), **kwargs)
 
-  return _blocked(block_bounds, x, eps, spec, int(batch_block))
+  return _blocked(block_bounds, iset, spec, int(batch_block))
 
 
 # Examples per block on CPU (measured with benchmarks/certify_bench.py on a 2-core x86
@@ -616,15 +628,15 @@ def default_batch_block(method: str, intermediate: Optional[str] = None) -> int:
   return CPU_BATCH_BLOCK.get(canonical_method(method), 0)
 
 
-def _blocked(fn, x, eps, spec, block: int) -> Bounds:
-  """``fn(x, eps, spec, block_index)`` on consecutive blocks of examples, concatenated.
+def _blocked(fn, iset: InputSet, spec, block: int) -> Bounds:
+  """``fn(block_set, spec, block_index)`` on consecutive blocks of examples, concatenated.
 
   The blocks hold at most ``block`` examples and are made as even as possible; the batch
   is padded to a multiple of their size with copies of its last example (one compiled
-  block for any remainder). ``eps`` and ``spec`` are split along the batch where they
-  have one.
+  block for any remainder). The set and ``spec`` (where it has a batch axis) are split
+  along the batch.
   """
-  batch = x.shape[0]
+  batch = iset.x.shape[0]
   n_blocks = -(-batch // block)
   block = -(-batch // n_blocks)  # as even as possible: 100 in blocks of <= 32 is 4 x 25
   pad = n_blocks * block - batch
@@ -635,15 +647,12 @@ def _blocked(fn, x, eps, spec, block: int) -> Bounds:
       a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
     return a.reshape((n_blocks, block) + a.shape[1:])
 
-  # eps is a scalar, (B,) or x's shape (validated by the caller); None for l0.
-  per_example_eps = eps is not None and jnp.ndim(eps) > 0
   per_example_spec = spec is not None and jnp.ndim(spec) == 3
-  xs = (split(x), split(eps) if per_example_eps else None,
-        split(spec) if per_example_spec else None, jnp.arange(n_blocks))
+  xs = (iset.take(split), split(spec) if per_example_spec else None, jnp.arange(n_blocks))
 
   def one(args):
-    xb, eb, sb, i = args
-    b = fn(xb, eb if per_example_eps else eps, sb if per_example_spec else spec, i)
+    block_set, sb, i = args
+    b = fn(block_set, sb if per_example_spec else spec, i)
     return b.lower, b.upper
 
   lo, up = lax.map(one, xs)
@@ -701,8 +710,19 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
 
   Arguments as :func:`linear_bounds`.
   """
+  return margin_lower_bounds_over(
+      apply_fn, params, make_input_set(x, eps, norm, k, domain), y, method=method,
+      intermediate=intermediate, chunk_bytes=chunk_bytes, num_projections=num_projections,
+      key=key, batch_block=batch_block)
+
+
+def margin_lower_bounds_over(apply_fn, params, iset: InputSet, y, *, method="crown",
+                             intermediate=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                             num_projections: int = 50, key=None,
+                             batch_block: Optional[int] = None) -> jax.Array:
+  """:func:`margin_lower_bounds` over a built (validated) input set: (B, K)."""
   y = jnp.asarray(y)
-  x = jnp.asarray(x)
+  x = iset.x
   if y.shape != x.shape[:1]:
     raise ValueError(f"y must have shape (B,) = {x.shape[:1]}; got {y.shape}.")
   num_classes = jax.eval_shape(lambda: apply_fn(params, x)).shape[-1]
@@ -711,10 +731,9 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
   others = _other_classes(y, num_classes)
   eye = jnp.eye(num_classes, dtype=x.dtype)
   spec = eye[y][:, None, :] - eye[others]
-  b = linear_bounds(apply_fn, params, x, eps, norm, spec=spec, method=method,
-                    intermediate=intermediate, k=k, domain=domain, chunk_bytes=chunk_bytes,
-                    upper=False, num_projections=num_projections, key=key,
-                    batch_block=batch_block)
+  b = linear_bounds_over(apply_fn, params, iset, spec=spec, method=method,
+                         intermediate=intermediate, chunk_bytes=chunk_bytes, upper=False,
+                         num_projections=num_projections, key=key, batch_block=batch_block)
   rows = jnp.arange(x.shape[0])[:, None]
   return jnp.zeros((x.shape[0], num_classes), b.lower.dtype).at[rows, others].set(b.lower)
 

@@ -46,6 +46,10 @@ def dual_norm(norm: str) -> str:
 class InputSet:
   """A validated perturbation set around a batch ``x`` of shape (B, ...).
 
+  A pytree (leaves ``x`` and ``eps``; ``norm``, ``k`` and ``domain`` static), so a set
+  built and validated once can be passed into a compiled function and split into
+  blocks along the batch.
+
   Attributes:
     x: (B, ...) nominal inputs.
     eps: radius broadcast to x's shape (B, ...); unused for l0.
@@ -58,6 +62,11 @@ class InputSet:
   norm: str
   k: Optional[int] = None
   domain: Optional[Tuple[float, float]] = None
+
+  def take(self, fn) -> "InputSet":
+    """The set with ``fn`` applied to its batch-leading arrays (``x`` and ``eps``), e.g.
+    a slice of the batch."""
+    return dataclasses.replace(self, x=fn(self.x), eps=fn(self.eps))
 
   def box(self) -> Tuple[jax.Array, jax.Array]:
     """Element-wise (lower, upper) bounds of the set (the smallest enclosing box)."""
@@ -73,6 +82,10 @@ class InputSet:
       # Keep the nominal point inside even if it lies outside the domain.
       lower, upper = jnp.minimum(lower, self.x), jnp.maximum(upper, self.x)
     return lower, upper
+
+
+jax.tree_util.register_dataclass(InputSet, data_fields=["x", "eps"],
+                                meta_fields=["norm", "k", "domain"])
 
 
 def topk_sum(t, k: int):

@@ -31,11 +31,11 @@ def canonical_certifier(method: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_margin_fn(apply_fn, method, norm, k, domain, chunk_bytes):
-  def fn(params, x, y, eps):
-    lb = linear.margin_lower_bounds(apply_fn, params, x, y, eps, norm, method=method, k=k,
-                                    domain=domain, chunk_bytes=chunk_bytes)
-    correct = jnp.argmax(apply_fn(params, x), axis=-1) == y
+def _compiled_margin_fn(apply_fn, method, chunk_bytes):
+  def fn(params, iset, y):
+    lb = linear.margin_lower_bounds_over(apply_fn, params, iset, y, method=method,
+                                         chunk_bytes=chunk_bytes)
+    correct = jnp.argmax(apply_fn(params, iset.x), axis=-1) == y
     return linear.worst_margin(lb, y), correct
   return jax.jit(fn)
 
@@ -78,7 +78,9 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   # Every eps is checked here: inside the compiled call eps is traced and cannot be.
   if not np.all(np.isfinite(eps_arr)) or np.any(eps_arr < 0):
     raise ValueError(f"eps must be finite and >= 0 for every point; got min {eps_arr.min()}.")
-  make_input_set(jnp.asarray(x[:1]), eps_arr[:1], norm, k, domain)  # validate the rest
+  # The set of every point, built and validated once; chunks of it go to the compiled
+  # bound (the set is a pytree).
+  iset = make_input_set(jnp.asarray(x), jnp.asarray(eps_arr), norm, k, domain)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   if method == "mip":
@@ -88,8 +90,7 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     cert, lower = mip.exact_certify(apply_fn, params, x, y, float(eps_arr[0]), norm,
                                     domain=domain, time_limit=mip_time_limit)
     return np.asarray(cert), np.asarray(lower)
-  fn = _compiled_margin_fn(apply_fn, method, norm, k, None if domain is None else
-                           tuple(domain), chunk_bytes)
+  fn = _compiled_margin_fn(apply_fn, method, chunk_bytes)
   # A power of two no larger than batch_size: subsets of any size (the table's
   # monotone pass) reuse a few compiled shapes; the last chunk is padded.
   batch_size = min(batch_size, 1 << (n - 1).bit_length())
@@ -98,9 +99,8 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   for start in tqdm(chunks, desc=f"certify {method}", disable=not progress, leave=False):
     stop = min(start + batch_size, n)
     pad = batch_size - (stop - start)
-    take = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], pad, 0)])
-    low, correct = fn(params, jnp.asarray(take(x)), jnp.asarray(take(y)),
-                      jnp.asarray(take(eps_arr)))
+    take = lambda a, m=jnp: m.concatenate([a[start:stop], m.repeat(a[stop - 1:stop], pad, 0)])
+    low, correct = fn(params, iset.take(take), jnp.asarray(take(y, np)))
     low, correct = np.asarray(low)[:stop - start], np.asarray(correct)[:stop - start]
     lowers.append(low)
     certified.append(correct & (low > 0))
