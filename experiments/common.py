@@ -184,36 +184,22 @@ def build_config(defaults: DatasetDefaults):
   arch = FLAGS.arch or defaults.arch
   if arch not in _REGISTRY:
     raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(sorted(_REGISTRY))}")
+  # What a flag sets in the TrainConfig is validated once, by TrainConfig.validate
+  # (below); the checks here are the flags' own.
   eps = defaults.eps if FLAGS.eps is None else parse_number(FLAGS.eps, "eps")
-  if not (eps >= 0 and math.isfinite(eps)):
-    raise ValueError(f"--eps must be >= 0; got {FLAGS.eps}")
   epochs = defaults.epochs if FLAGS.epochs is None else FLAGS.epochs
-  if epochs <= 0:
-    raise ValueError(f"--epochs must be > 0; got {epochs}")
   batch_size = defaults.batch_size if FLAGS.batch_size is None else FLAGS.batch_size
-  if batch_size <= 0:
-    raise ValueError(f"--batch_size must be > 0; got {batch_size}")
   lr = defaults.lr if FLAGS.lr is None else FLAGS.lr
-  if not lr > 0:
-    raise ValueError(f"--lr must be > 0; got {lr}")
   if setting("num_cert_points", defaults) < 0:
     raise ValueError(f"--num_cert_points must be >= 0; got {FLAGS.num_cert_points}")
   if FLAGS.pgd_restarts < 0 or FLAGS.pgd_steps < 1:
     raise ValueError(f"--pgd_steps must be >= 1 and --pgd_restarts >= 0; got "
                      f"{FLAGS.pgd_steps}, {FLAGS.pgd_restarts}")
-  if FLAGS.max_train_examples is not None and FLAGS.max_train_examples <= 0:
-    raise ValueError(f"--max_train_examples must be > 0; got {FLAGS.max_train_examples}")
-  if FLAGS.ensemble < 1:
-    raise ValueError(f"--ensemble must be >= 1; got {FLAGS.ensemble}")
   norm = canonical_norm(FLAGS.norm)
   if norm == "l0":
     raise ValueError("--norm l0 is not supported by the experiment scripts (needs k)")
   eps_schedule = parse_steps(FLAGS.eps_schedule, "eps_schedule", 2)
-  if eps_schedule is not None and eps_schedule[1] < eps_schedule[0]:
-    raise ValueError(f"--eps_schedule needs warmup_end <= ramp_end; got {FLAGS.eps_schedule}")
   lr_boundaries = parse_steps(FLAGS.lr_boundaries, "lr_boundaries")
-  if not 0.0 <= FLAGS.kappa_final <= 1.0:
-    raise ValueError(f"--kappa_final must be in [0, 1]; got {FLAGS.kappa_final}")
   # The method validates its options: one it does not read (--dm_domain for a method
   # other than Double Margin, --projections for one other than bounded, --adv for one
   # other than relu_stability) is an error naming both.
@@ -252,7 +238,10 @@ def build_config(defaults: DatasetDefaults):
       method_kwargs=method_kwargs, kappa_final=FLAGS.kappa_final,
       kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
       ada_holdout=FLAGS.ada_holdout)
-  config.validate()
+  try:
+    config.validate()
+  except ValueError as e:
+    raise ValueError(f"bad flag value: {e}") from None
   return config
 
 

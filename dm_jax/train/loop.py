@@ -119,7 +119,14 @@ class TrainConfig:
     if self.ensemble < 1:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
     if self.max_train_examples is not None and self.max_train_examples <= 0:
-      raise ValueError("max_train_examples must be positive.")
+      raise ValueError(f"max_train_examples must be positive; got "
+                       f"{self.max_train_examples!r}.")
+    if self.eps_schedule is not None and not (
+        len(self.eps_schedule) == 2 and 0 <= self.eps_schedule[0] <= self.eps_schedule[1]):
+      raise ValueError(f"eps_schedule must be (warmup_end, ramp_end) with 0 <= warmup_end "
+                       f"<= ramp_end; got {self.eps_schedule!r}.")
+    if not 0.0 <= self.kappa_final <= 1.0:
+      raise ValueError(f"kappa_final must be in [0, 1]; got {self.kappa_final!r}.")
     if self.schedule not in schedules.SHAPES:
       raise ValueError(f"schedule must be one of {', '.join(schedules.SHAPES)}; got "
                        f"{self.schedule!r}.")
