@@ -47,6 +47,7 @@ import optax
 
 from dm_jax import data as data_lib
 from dm_jax.train import schedules
+from dm_jax.train.methods.penalties import apply_masks, no_masks, prune_small_weights
 from dm_jax.models import get_model
 
 
@@ -213,7 +214,7 @@ def create_train_state(config: TrainConfig, key, input_shape, *, model=None, tx=
   init_key, state_key = jax.random.split(key)
   params = model.init(init_key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
   params = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(params))
-  masks = jax.tree_util.tree_map(lambda p: jnp.ones_like(p, jnp.float32), params)
+  masks = no_masks(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), key=state_key, masks=masks)
 
@@ -235,11 +236,6 @@ def _get_method(config: TrainConfig):
 def _make_hyper(eps, lam, kappa):
   from dm_jax.train import methods
   return methods.Hyper(eps=eps, lam=lam, kappa=kappa)
-
-
-def _apply_masks(params, masks):
-  """``params * masks`` (the state's masks are full float 0/1 trees; ones = kept)."""
-  return jax.tree_util.tree_map(lambda p, m: p * m.astype(p.dtype), params, masks)
 
 
 def _tree_all_finite(tree):
@@ -277,7 +273,7 @@ def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if prune:
-      params = _apply_masks(params, state.masks)
+      params = apply_masks(params, state.masks)
     aux = dict(aux)
     if "acc" in aux:  # the method's clean accuracy at the nominal inputs
       acc = aux["acc"]
@@ -645,13 +641,7 @@ def _mean_holdout_losses(fn, state: TrainState, holdout, batch_size: int, eps: f
 
 
 def _prune(state: TrainState, threshold: float) -> TrainState:
-  from dm_jax.train.methods import prune_small_weights
   params, masks = prune_small_weights(state.params, threshold)
-  # methods' masks are 0/1 for kernels and None elsewhere; the state keeps full trees.
-  masks = jax.tree_util.tree_map(
-      lambda p, m: jnp.ones_like(p, jnp.float32) if m is None
-      else jnp.asarray(m, jnp.float32) * jnp.ones_like(p, jnp.float32),
-      state.params, masks, is_leaf=lambda t: t is None)
   return state.replace(params=params, masks=masks)
 
 

@@ -40,7 +40,8 @@ from dm_jax.train.methods.base import (COMMON_OPTIONS, LAM_FORMS, SOLVER_OPTIONS
                                        interval_margins, kappa_form, kappa_form_summary,
                                        margin_certified, names, register, spec, unregister,
                                        worst_case_logits)
-from dm_jax.train.methods.penalties import apply_masks, l1_penalty, l2_penalty, prune_small_weights
+from dm_jax.train.methods.penalties import (apply_masks, l1_penalty, l2_penalty,  # noqa: F401
+                                            no_masks, prune_small_weights)
 # The families: importing a module registers its methods (in this order: METHODS).
 from dm_jax.train.methods import normal, adversarial, ibp, linear, relu_stability, mmr  # noqa
 from dm_jax.train.methods import double_margin  # noqa: E402

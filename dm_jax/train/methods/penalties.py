@@ -45,20 +45,26 @@ def prune_small_weights(params: Any, threshold: float = 1e-3) -> Tuple[Any, Any]
   """Magnitude pruning (Xiao et al. 2019): zero every kernel weight with |w| < threshold.
 
   Returns:
-    ``(pruned_params, masks)``; ``masks`` has the structure of ``params`` with a 0/1
-    array of the kernel's shape for kernels and ``None`` elsewhere (biases are kept).
-    Keep the pruned weights at zero while fine-tuning with :func:`apply_masks`.
+    ``(pruned_params, masks)``; ``masks`` is the one mask format of dm_jax: a float32
+    0/1 array of each leaf's shape (1 = kept; biases and other non-kernels all ones), as
+    :func:`no_masks` and the trainer's state hold. Keep the pruned weights at zero while
+    fine-tuning with :func:`apply_masks`.
   """
   def mask_of(path, leaf):
-    return (jnp.abs(leaf) >= threshold).astype(leaf.dtype) if _is_kernel(path) else None
+    keep = (jnp.abs(leaf) >= threshold) if _is_kernel(path) else jnp.ones(leaf.shape, bool)
+    return keep.astype(jnp.float32)
   masks = jax.tree_util.tree_map_with_path(mask_of, params)
   return apply_masks(params, masks), masks
 
 
+def no_masks(params: Any) -> Any:
+  """Masks that keep every weight (float32 ones of each leaf's shape)."""
+  return jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), jnp.float32), params)
+
+
 def apply_masks(params: Any, masks: Any) -> Any:
-  """Multiplies the kernels by their masks (leaves whose mask is None are unchanged)."""
-  return jax.tree_util.tree_map(lambda p, m: p if m is None else p * m, params, masks,
-                                is_leaf=lambda t: t is None)
+  """``params * masks``, leaf by leaf (masks as :func:`prune_small_weights` returns)."""
+  return jax.tree_util.tree_map(lambda p, m: p * m.astype(p.dtype), params, masks)
 
 
 def add_penalties(loss: jax.Array, metrics: Dict[str, jax.Array], params: Any, l1: float,
