@@ -10,7 +10,7 @@ import pytest
 from absl.testing import parameterized
 
 import dm_jax
-import test_core_utils as U
+import helpers as U
 
 ALL_ARCHS = ("mlp", "small", "small_s2", "pureconv", "resnet", "pooling", "medium", "large")
 GTSRB = U.CIFAR  # 32x32x3

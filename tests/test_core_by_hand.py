@@ -19,7 +19,7 @@ import pytest
 from absl.testing import parameterized
 
 import dm_jax
-import test_core_utils as U
+import helpers as U
 from dm_jax.bounds.double_margin import VARIANTS as DM_VARIANTS, folded_margins
 
 B = 2

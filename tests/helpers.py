@@ -1,4 +1,5 @@
-"""Shared helpers for the core bound-propagation tests (test_core_*.py).
+"""Shared helpers for the core bound-propagation tests (test_core_*.py), imported as
+``import helpers as U``.
 
 Everything here is written independently of dm_jax's internals: models are evaluated
 with Flax (``capture_intermediates``) or with plain numpy, never with dm_jax code. This
