@@ -36,13 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax.bounds import patches
+from dm_jax.bounds import patches, relaxations
 from dm_jax.bounds.interval import Bounds
 # record_tape and Tape are re-exported: the tape is this module's input.
-from dm_jax.bounds.tape import Entry, NodeRef, Tape, interval_of, record_tape  # noqa: F401
+from dm_jax.bounds.relaxations import DENSE
+from dm_jax.bounds.tape import (Entry, NodeRef, Tape, interval_of,  # noqa: F401
+                                node_shape, nominal_of, record_tape)
 from dm_jax.core import conv, primitives
 from dm_jax.core.errors import UnsupportedPrimitiveError
-from dm_jax.core.input_sets import InputSet, make_input_set, max_decrease
+from dm_jax.core.input_sets import InputSet, make_input_set
 
 _METHOD_ALIASES = {
     "fastlin": "fastlin", "relu": "fastlin", "cnn-cert-relu": "fastlin",
@@ -65,80 +67,6 @@ def canonical_method(method: str) -> str:
     raise ValueError(f"Unknown bound method {method!r}; expected one of "
                      f"{', '.join(METHODS)} (aliases: relu, ada, cnn-cert-relu, ...).")
   return _METHOD_ALIASES[key]
-
-
-# --------------------------------------------------------------------- relaxations
-
-def relu_constant(const, like):
-  """The constant c of a ReLU-like ``max(x, c)`` broadcast to ``like``'s shape, or None
-  when it is a known zero (plain ReLU: the intercept terms then vanish and are skipped,
-  which under grad also saves passes that multiply cotangents by the zero)."""
-  if _is_zero(const):
-    return None
-  return jnp.broadcast_to(jnp.asarray(const, like.dtype), like.shape)
-
-
-def _relu_relaxation(l, u, const, method):
-  """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``.
-
-  ``const`` is the ReLU's c as recorded; for a known zero ``lo_b`` is None (it is 0).
-  """
-  c = relu_constant(const, l)
-  if c is None:
-    lo_s, up_s, up_b = _relu_relaxation_at_zero(l, u, method)
-    return lo_s, None, up_s, up_b
-  lo_s, up_s, up_b = _relu_relaxation_at_zero(l - c, u - c, method)
-  # y - c = relu(x - c): shift back by c.
-  return lo_s, c - lo_s * c, up_s, up_b + c - up_s * c
-
-
-def _relu_relaxation_at_zero(lc, uc, method):
-  """``(lo_s, up_s, up_b)`` of ``relu`` on ``[lc, uc]`` (its lower intercept is 0)."""
-  active, inactive = lc >= 0, uc <= 0
-  unstable = ~(active | inactive)
-  denom = jnp.where(unstable, uc - lc, 1.0)
-  slope = jnp.where(unstable, uc / denom, active.astype(lc.dtype))
-  up_b_rel = jnp.where(unstable, -slope * lc, 0.0)
-  if method == "fastlin":
-    alpha = slope
-  elif method == "crown":
-    alpha = jnp.where(unstable, (uc >= -lc).astype(lc.dtype), slope)
-  else:  # zero
-    alpha = jnp.where(unstable, 0.0, slope)
-  return alpha, slope, up_b_rel
-
-
-def _window_slices(eqn, t, fill):
-  """The K elements of every pooling window of ``t``: list of arrays of the out shape."""
-  p = eqn.params
-  if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
-    raise UnsupportedPrimitiveError("reduce_window_max", "linear (CROWN-family)",
-                                    "dilated pooling")
-  t = lax.pad(t, jnp.asarray(fill, t.dtype), [(lo, hi, 0) for lo, hi in p["padding"]])
-  out_shape = tuple(eqn.outvars[0].aval.shape)
-  slices = []
-  for offset in np.ndindex(*p["window_dimensions"]):
-    limit = [o + (n - 1) * s + 1 for o, n, s in zip(offset, out_shape, p["window_strides"])]
-    slices.append(lax.slice(t, offset, limit, p["window_strides"]))
-  return slices
-
-
-def maxpool_relaxation(eqn, l, u):
-  """DeepPoly's relaxation of max pooling over bounds (l, u) of its input.
-
-  Returns (onehots, dominated, max_up): per window offset, whether it holds the element
-  with the largest lower bound (the lower bound ``y >= x_best``); whether that element
-  dominates its window (its lower bound >= every other upper bound, then
-  ``y <= x_best``); and the window's largest upper bound (the upper bound otherwise).
-  """
-  lows = _window_slices(eqn, l, -jnp.inf)
-  ups = _window_slices(eqn, u, -jnp.inf)
-  best = jnp.argmax(jnp.stack(lows), axis=0)
-  onehots = [(best == j).astype(l.dtype) for j in range(len(lows))]
-  best_low = jnp.max(jnp.stack(lows), axis=0)
-  others_up = [jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)]
-  dominated = (best_low >= jnp.max(jnp.stack(others_up), axis=0)).astype(l.dtype)
-  return onehots, dominated, jnp.max(jnp.stack(ups), axis=0)
 
 
 # ------------------------------------------------------------------ backward pass
@@ -192,20 +120,6 @@ def _affine_backward(entry: Entry, A, env_const):
         for j, r in enumerate(entry.refs)], **eqn.params)
   offset = None if prim.constants == primitives.COEFFICIENT else _sum_rows(A, bias)
   return out, offset
-
-
-def _concretize_input(A, offset, iset: InputSet):
-  """min over the input set of ``<A, x'> + offset``: (B, R)."""
-  axes = tuple(range(2, A.ndim))
-  x = iset.x
-  if iset.norm == "linf":
-    lower, upper = iset.box()
-    return (jnp.sum(jnp.maximum(A, 0) * lower[:, None] + jnp.minimum(A, 0) * upper[:, None],
-                    axis=axes) + offset)
-  centre = _sum_rows(A, x) + offset
-  eps = iset.eps.reshape(x.shape[0], -1)[:, :1]  # per-example radius (B, 1)
-  flat = A.reshape(A.shape[:2] + (-1,))
-  return centre - max_decrease(iset, flat, x.reshape(x.shape[0], 1, -1), eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,23 +223,14 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     node = entry.node
     l, u = bounds[node]
     if entry.kind == primitives.TAPE_RELU:
-      lo_s, lo_b, up_s, up_b = _relu_relaxation(l, u, entry.relu_const, method)
-      # = pos * lo_s + neg * up_s (pos/neg the parts of A_out) with one select instead
-      # of two materialised parts: fewer passes over (B, R, ...), under grad too.
-      take_lower = A_out >= 0
-      slope = jnp.where(take_lower, lo_s[:, None], up_s[:, None])
-      add(node, A_out * slope)
-      if lo_b is None:
-        picked_b = jnp.minimum(A_out, 0) * up_b[:, None]
-      else:
-        picked_b = A_out * jnp.where(take_lower, lo_b[:, None], up_b[:, None])
-      offset = offset + jnp.sum(picked_b, axis=tuple(range(2, A_out.ndim)))
-    else:  # maxpool
-      pos, neg = jnp.maximum(A_out, 0), jnp.minimum(A_out, 0)
-      onehots, dominated, max_up = maxpool_relaxation(entry.eqn, l, u)
-      select = lambda t: sum(o * s for o, s in zip(onehots, _window_slices(entry.eqn, t, 0.0)))
-      add(node, _transpose_rows(select, pos + neg * dominated[:, None], l))
-      offset = offset + _sum_rows(neg, (1 - dominated) * max_up)
+      A_in, extra = relaxations.relu_step(A_out, l, u, entry.relu_const, method, DENSE)
+      add(node, A_in)
+    else:  # maxpool: the weights go back through the window selection
+      weights, extra, onehots = relaxations.maxpool_weights(A_out, l, u, entry.eqn, DENSE)
+      select = lambda t: sum(o * w for o, w in zip(
+          onehots, relaxations.window_slices(entry.eqn, t, 0.0)))
+      add(node, _transpose_rows(select, weights, l))
+    offset = offset + extra
   lower = offset
   for node, a in coeffs.items():
     a = dense(a)
@@ -333,7 +238,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
       l, u = stop_nodes[node]
       lower = lower + _sum_rows(jnp.maximum(a, 0), l) + _sum_rows(jnp.minimum(a, 0), u)
     elif node == 0:
-      lower = lower + _concretize_input(a, jnp.zeros_like(offset), tape.iset)
+      lower = lower + relaxations.concretize_input(a, tape.iset, DENSE)
     else:  # pragma: no cover - every path ends at the input or a stop node
       raise AssertionError(f"coefficients left at node {node}")
   return lower
@@ -379,28 +284,23 @@ def _exact_forward_nodes(tape: Tape) -> set:
 
 def _identity_bounds(tape, node, bounds, method, chunk_bytes):
   """(l, u) of every element of ``node`` by backward passes, chunked by neurons."""
-  value_lo, _ = interval_of(tape, node)
-  batch, shape = value_lo.shape[0], value_lo.shape[1:]
+  value = nominal_of(tape, node)
+  batch, shape = value.shape[0], value.shape[1:]
   n = int(np.prod(shape))
-  widest = max(int(np.prod(np.shape(interval_of(tape, i)[0])[1:])) for i in range(node + 1))
-  chunk = max(1, min(n, chunk_bytes // max(1, batch * 2 * widest * 4)))
-  n_chunks = math.ceil(n / chunk)
+  widest = max(int(np.prod(node_shape(tape, i)[1:])) for i in range(node + 1))
+  # Each row (and its negation, for the upper bound) carries coefficients over the
+  # widest node on the way back.
+  chunk = relaxations.identity_rows_per_chunk(n, batch * 2 * widest * 4, chunk_bytes)
 
   def one_chunk(start):
-    rows = jax.nn.one_hot(start + jnp.arange(chunk), n, dtype=value_lo.dtype)
+    rows = jax.nn.one_hot(start + jnp.arange(chunk), n, dtype=value.dtype)
     rows = rows.reshape((chunk,) + shape)
     A = SharedRows(jnp.concatenate([rows, -rows]), batch)
     low = backward(tape, node, A, bounds, method)
     return low[:, :chunk], -low[:, chunk:]
 
-  if n_chunks == 1:
-    lo, up = one_chunk(0)
-  else:
-    # Rematerialised under grad, so training keeps one chunk of residuals, not all.
-    lo, up = lax.map(jax.checkpoint(one_chunk), jnp.arange(n_chunks) * chunk)
-    lo = jnp.moveaxis(lo, 0, 1).reshape(batch, -1)
-    up = jnp.moveaxis(up, 0, 1).reshape(batch, -1)
-  return lo[:, :n].reshape(value_lo.shape), up[:, :n].reshape(value_lo.shape)
+  lo, up = relaxations.chunked_identity_bounds(one_chunk, n, chunk)
+  return lo.reshape(value.shape), up.reshape(value.shape)
 
 
 def intermediate_bounds(tape: Tape, method: str, intermediate: str,
@@ -418,8 +318,7 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
     if intermediate == "ibp" or node in exact:
       bounds[node] = interval_of(tape, node)
     elif use_patches and patches.supported(tape, node):
-      bounds[node] = patches.identity_bounds(
-          tape, node, bounds, method, _relu_relaxation, chunk_bytes, maxpool_relaxation)
+      bounds[node] = patches.identity_bounds(tape, node, bounds, method, chunk_bytes)
     else:
       # Textbook CNN-Cert: the linear bounds are used as they are, not intersected with
       # the interval ones (see WORKSPACE.md).
@@ -525,7 +424,7 @@ def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict
         radius = cauchy_scale(proj[node], axis=1)
         bounds[node] = (centre[node] - radius, centre[node] + radius)
     l, u = bounds[node]
-    slope, lo_b, _, up_b = _relu_relaxation(l, u, entry.relu_const, "fastlin")
+    slope, lo_b, _, up_b = relaxations.relu_relaxation(l, u, entry.relu_const, "fastlin")
     lo_b = 0.0 if lo_b is None else lo_b
     centre[entry.out] = slope * centre[node] + (lo_b + up_b) / 2
     proj[entry.out] = slope[:, None] * proj[node] + noise((up_b - lo_b) / 2)
@@ -756,12 +655,5 @@ def relu_input_bounds(apply_fn, params, x, eps, norm="linf", *, method="crown",
   inter = "ibp" if method in ("crown_ibp", "ibp") else "linear"
   bounds = intermediate_bounds(tape, relax, inter, chunk_bytes)
   nodes = [e.node for e in tape.entries
-           if e.kind == primitives.TAPE_RELU and _is_zero(e.relu_const)]
+           if e.kind == primitives.TAPE_RELU and relaxations.is_zero(e.relu_const)]
   return [bounds[n] for n in nodes]
-
-
-def _is_zero(c) -> bool:
-  if isinstance(c, jax.core.Tracer):
-    return False
-  c = np.asarray(c)
-  return c.size > 0 and bool(np.all(c == 0))

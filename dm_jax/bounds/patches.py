@@ -20,7 +20,6 @@ float rounding).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -28,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dm_jax.bounds import relaxations
 from dm_jax.bounds.tape import NodeRef, node_shape, nominal_of
 from dm_jax.core import primitives
 from dm_jax.core.conv import conv_input_transpose, is_nhwc_conv
-from dm_jax.core.input_sets import max_decrease
 
 _ELEMENTWISE_CONST = primitives.names(patch=primitives.PATCH_ELEMENTWISE)
 _PASS_THROUGH = primitives.names(patch=primitives.PATCH_PASS)
@@ -166,10 +165,17 @@ def _conv_back(patch: Patch, eqn, kernel) -> Patch:
   return Patch(out, K, S, P)
 
 
-def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concretize_fn,
-                     maxpool_relaxation):
-  """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like dm_jax.bounds.linear's
-  dense ``backward``; ``relaxation`` and ``maxpool_relaxation`` are dm_jax.bounds.linear's."""
+def _layout(patch: Patch, out_hw) -> relaxations.Layout:
+  """The windowed layout of ``patch``'s coefficients (see :mod:`dm_jax.bounds.relaxations`)."""
+  win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
+  return relaxations.Layout(lift=lambda t: win(t)[:, :, :, None],
+                            dot=lambda A, t: _win_sum(A, win(t)), lead=4)
+
+
+def backward_patches(tape, target, A0: Patch, bounds, method):
+  """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like
+  dm_jax.bounds.linear's dense ``backward``, with the same steps
+  (:mod:`dm_jax.bounds.relaxations`) over the windowed layout."""
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
   offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
@@ -183,24 +189,17 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
     patch = coeffs.pop(e.out)
     name = e.eqn.primitive.name
     nodes = e.nodes()
+    layout = _layout(patch, out_hw)
     win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
     if e.kind == primitives.TAPE_RELU:
       (_, node), = nodes
       l, u = bounds[node]
-      lo_s, lo_b, up_s, up_b = relaxation(l, u, e.relu_const, method)
-      # pos * lo_s + neg * up_s with one select (see linear.backward).
-      take_lower = patch.A >= 0
-      A = patch.A * jnp.where(take_lower, win(lo_s)[:, :, :, None], win(up_s)[:, :, :, None])
-      if lo_b is None:  # plain ReLU: the lower intercept is 0
-        picked_b = jnp.minimum(patch.A, 0) * win(up_b)[:, :, :, None]
-      else:
-        picked_b = patch.A * jnp.where(take_lower, win(lo_b)[:, :, :, None],
-                                       win(up_b)[:, :, :, None])
-      offset = offset + jnp.sum(picked_b, axis=(4, 5, 6))
+      A, extra = relaxations.relu_step(patch.A, l, u, e.relu_const, method, layout)
+      offset = offset + extra
       add(node, Patch(A, patch.K, patch.S, patch.P))
     elif e.kind == primitives.TAPE_MAXPOOL:
       (_, node), = nodes
-      coef, extra = _maxpool_back(patch, e.eqn, bounds[node], win, maxpool_relaxation)
+      coef, extra = _maxpool_back(patch, e.eqn, bounds[node], layout)
       offset = offset + extra
       add(node, coef)
     elif name == "conv_general_dilated":
@@ -227,18 +226,14 @@ def backward_patches(tape, target, A0: Patch, bounds, method, relaxation, concre
         add(node, Patch(sign * patch.A, patch.K, patch.S, patch.P))
   (node, patch), = coeffs.items()
   assert node == 0, node
-  return offset + concretize_fn(patch, out_hw)
+  return offset + concretize(patch, out_hw, tape.iset)
 
 
-def _maxpool_back(patch: Patch, eqn, pre_bounds, win, maxpool_relaxation):
-  """Max pooling with dm_jax.bounds.linear's relaxation: the coefficients go to the window
-  element with the largest lower bound, negative ones only when it dominates its window
-  (else they meet the constant largest upper bound)."""
+def _maxpool_back(patch: Patch, eqn, pre_bounds, layout: relaxations.Layout):
+  """Max pooling with the relaxation of :func:`relaxations.maxpool_weights`, its weights
+  moved through the pooling windows (the patch grows to cover them)."""
   l, u = pre_bounds
-  onehots, dominated, max_up = maxpool_relaxation(eqn, l, u)
-  pos, neg = jnp.maximum(patch.A, 0), jnp.minimum(patch.A, 0)
-  extra = _win_sum(neg, win((1 - dominated) * max_up))
-  coef = pos + neg * win(dominated)[:, :, :, None]
+  coef, extra, onehots = relaxations.maxpool_weights(patch.A, l, u, eqn, layout)
   p = eqn.params
   k = p["window_dimensions"][1:3]
   s = p["window_strides"][1:3]
@@ -246,7 +241,7 @@ def _maxpool_back(patch: Patch, eqn, pre_bounds, win, maxpool_relaxation):
   out = 0
   zero = jnp.zeros((), coef.dtype)
   for j, offset in enumerate(np.ndindex(*p["window_dimensions"])):
-    chosen = coef * win(onehots[j])[:, :, :, None]
+    chosen = coef * layout.lift(onehots[j])
     di, dj = offset[1], offset[2]
     # Window position i of the pooled map reads input position i * s + di.
     out = out + lax.pad(chosen, zero, [(0, 0, 0)] * 4 + [
@@ -259,44 +254,27 @@ def _maxpool_back(patch: Patch, eqn, pre_bounds, win, maxpool_relaxation):
 
 def concretize(patch: Patch, out_hw, iset):
   """min over the input set of the windowed linear functions: (B, H, W, R)."""
-  win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
-  A = patch.A * win(jnp.ones_like(iset.x))[:, :, :, None]  # drop zero-padding coordinates
-  if iset.norm == "linf":
-    lower, upper = iset.box()
-    return _win_sum(jnp.maximum(A, 0), win(lower)) + _win_sum(jnp.minimum(A, 0), win(upper))
-  centre = _win_sum(A, win(iset.x))
-  eps = iset.eps.reshape(iset.x.shape[0], -1)[:, 0][:, None, None, None]
-  flat = A.reshape(A.shape[:4] + (-1,))
-  xw = win(iset.x)[:, :, :, None].reshape(A.shape[:3] + (1, -1))
-  return centre - max_decrease(iset, flat, xw, eps)
+  layout = _layout(patch, out_hw)
+  # The windows' zero-padding positions are not coordinates of the input: drop them (a
+  # row norm must not count them).
+  A = patch.A * layout.lift(jnp.ones_like(iset.x))
+  return relaxations.concretize_input(A, iset, layout)
 
 
-def identity_bounds(tape, target, bounds, method, relaxation, chunk_bytes: int,
-                    maxpool_relaxation):
+def identity_bounds(tape, target, bounds, method, chunk_bytes: int):
   """(l, u) of every element of the NHWC node ``target`` in patch form."""
   ref = nominal_of(tape, target)
   b, h, w, c = ref.shape
   # Rows: +e_c (lower bounds) and -e_c (upper bounds), chunked over channels for memory.
   widest = max(int(np.prod(node_shape(tape, i)[1:])) for i in range(target + 1))
-  per_channel = b * h * w * 2 * max(widest, 1) * 4
-  chunk = int(max(1, min(c, chunk_bytes // max(per_channel, 1))))
-  n_chunks = math.ceil(c / chunk)
+  chunk = relaxations.identity_rows_per_chunk(c, b * h * w * 2 * max(widest, 1) * 4,
+                                              chunk_bytes)
 
   def one(start):
     eye = jax.nn.one_hot(start + jnp.arange(chunk), c, dtype=ref.dtype)  # (chunk, c)
     rows = jnp.concatenate([eye, -eye])
     A = jnp.broadcast_to(rows[None, None, None, :, None, None, :], (b, h, w, 2 * chunk, 1, 1, c))
-    low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
-                           relaxation,
-                           lambda p, hw: concretize(p, hw, tape.iset),
-                           maxpool_relaxation)
+    low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method)
     return low[..., :chunk], -low[..., chunk:]
 
-  if n_chunks == 1:
-    lo, up = one(0)
-  else:
-    # Rematerialised under grad, so training keeps one chunk of residuals, not all.
-    lo, up = lax.map(jax.checkpoint(one), jnp.arange(n_chunks) * chunk)  # (n, b, h, w, c)
-    lo = jnp.moveaxis(lo, 0, 3).reshape(b, h, w, -1)
-    up = jnp.moveaxis(up, 0, 3).reshape(b, h, w, -1)
-  return lo[..., :c], up[..., :c]
+  return relaxations.chunked_identity_bounds(one, c, chunk)

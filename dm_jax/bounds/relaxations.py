@@ -1,0 +1,210 @@
+"""The linear relaxations of the nonlinearities and the steps of a backward pass written
+once for both coefficient layouts.
+
+A backward pass carries coefficients ``A`` whose leading axes index the bound rows and
+whose trailing axes line up with a node's values. Two layouts exist: *dense*
+(``A`` of shape (B, R, *S), :mod:`dm_jax.bounds.linear`) and *windowed* (``A`` of shape
+(B, H, W, R, Kh, Kw, C): each output position's coefficients over its receptive-field
+window, :mod:`dm_jax.bounds.patches`). A :class:`Layout` says how a per-node tensor
+(B, *S) lines up with ``A``; the ReLU step, the max-pooling weights, the concretisation
+at the input and the chunked identity-bounds driver below are written once over it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.core.input_sets import InputSet, max_decrease
+
+
+def is_zero(c) -> bool:
+  """Whether ``c`` is a known (not traced) all-zero constant."""
+  if isinstance(c, jax.core.Tracer):
+    return False
+  c = np.asarray(c)
+  return c.size > 0 and bool(np.all(c == 0))
+
+
+def relu_constant(const, like):
+  """The constant c of a ReLU-like ``max(x, c)`` broadcast to ``like``'s shape, or None
+  when it is a known zero (plain ReLU: the intercept terms then vanish and are skipped,
+  which under grad also saves passes that multiply cotangents by the zero)."""
+  if is_zero(const):
+    return None
+  return jnp.broadcast_to(jnp.asarray(const, like.dtype), like.shape)
+
+
+def relu_relaxation(l, u, const, method):
+  """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``.
+
+  ``const`` is the ReLU's c as recorded; for a known zero ``lo_b`` is None (it is 0).
+  """
+  c = relu_constant(const, l)
+  if c is None:
+    lo_s, up_s, up_b = _relu_relaxation_at_zero(l, u, method)
+    return lo_s, None, up_s, up_b
+  lo_s, up_s, up_b = _relu_relaxation_at_zero(l - c, u - c, method)
+  # y - c = relu(x - c): shift back by c.
+  return lo_s, c - lo_s * c, up_s, up_b + c - up_s * c
+
+
+def _relu_relaxation_at_zero(lc, uc, method):
+  """``(lo_s, up_s, up_b)`` of ``relu`` on ``[lc, uc]`` (its lower intercept is 0)."""
+  active, inactive = lc >= 0, uc <= 0
+  unstable = ~(active | inactive)
+  denom = jnp.where(unstable, uc - lc, 1.0)
+  slope = jnp.where(unstable, uc / denom, active.astype(lc.dtype))
+  up_b_rel = jnp.where(unstable, -slope * lc, 0.0)
+  if method == "fastlin":
+    alpha = slope
+  elif method == "crown":
+    alpha = jnp.where(unstable, (uc >= -lc).astype(lc.dtype), slope)
+  else:  # zero
+    alpha = jnp.where(unstable, 0.0, slope)
+  return alpha, slope, up_b_rel
+
+
+def window_slices(eqn, t, fill):
+  """The K elements of every pooling window of ``t``: list of arrays of the out shape."""
+  p = eqn.params
+  if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
+    raise UnsupportedPrimitiveError("reduce_window_max", "linear (CROWN-family)",
+                                    "dilated pooling")
+  t = lax.pad(t, jnp.asarray(fill, t.dtype), [(lo, hi, 0) for lo, hi in p["padding"]])
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  slices = []
+  for offset in np.ndindex(*p["window_dimensions"]):
+    limit = [o + (n - 1) * s + 1 for o, n, s in zip(offset, out_shape, p["window_strides"])]
+    slices.append(lax.slice(t, offset, limit, p["window_strides"]))
+  return slices
+
+
+def maxpool_relaxation(eqn, l, u):
+  """DeepPoly's relaxation of max pooling over bounds (l, u) of its input.
+
+  Returns (onehots, dominated, max_up): per window offset, whether it holds the element
+  with the largest lower bound (the lower bound ``y >= x_best``); whether that element
+  dominates its window (its lower bound >= every other upper bound, then
+  ``y <= x_best``); and the window's largest upper bound (the upper bound otherwise).
+  """
+  lows = window_slices(eqn, l, -jnp.inf)
+  ups = window_slices(eqn, u, -jnp.inf)
+  best = jnp.argmax(jnp.stack(lows), axis=0)
+  onehots = [(best == j).astype(l.dtype) for j in range(len(lows))]
+  best_low = jnp.max(jnp.stack(lows), axis=0)
+  others_up = [jnp.where(best == j, -jnp.inf, up) for j, up in enumerate(ups)]
+  dominated = (best_low >= jnp.max(jnp.stack(others_up), axis=0)).astype(l.dtype)
+  return onehots, dominated, jnp.max(jnp.stack(ups), axis=0)
+
+
+# ------------------------------------------------------------------------ layouts
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How coefficients ``A`` line up with a node's values.
+
+  Attributes:
+    lift: maps a (B, *S) node tensor to one that broadcasts against ``A``.
+    dot: ``<A, t>`` over the value axes for a (B, *S) node tensor ``t``: the bound's
+      shape ``A.shape[:lead]``.
+    lead: the number of leading (row) axes of ``A``.
+  """
+  lift: Callable[[jax.Array], jax.Array]
+  dot: Callable[[jax.Array, jax.Array], jax.Array]
+  lead: int
+
+  def sum(self, product: jax.Array) -> jax.Array:
+    """Sums an ``A``-shaped product over the value axes."""
+    return jnp.sum(product, axis=tuple(range(self.lead, product.ndim)))
+
+
+def _dense_dot(A, t):
+  return jnp.sum(A * t[:, None], axis=tuple(range(2, A.ndim)))
+
+
+DENSE = Layout(lift=lambda t: t[:, None], dot=_dense_dot, lead=2)
+
+
+def relu_step(A, l, u, const, method: str, layout: Layout):
+  """Backward step through ``y = max(x, c)`` with pre-activation bounds ``[l, u]``.
+
+  Returns ``(A_x, offset)``: the coefficients of x (``A``'s layout) and the bound's
+  constant part (``A.shape[:lead]``), from the lower line where a coefficient is >= 0
+  and the upper line where it is < 0 (``method``'s lower slope for unstable neurons).
+  """
+  lo_s, lo_b, up_s, up_b = relu_relaxation(l, u, const, method)
+  # = pos * lo_s + neg * up_s (pos/neg the parts of A) with one select instead of two
+  # materialised parts: fewer passes over the coefficients, under grad too.
+  take_lower = A >= 0
+  A_x = A * jnp.where(take_lower, layout.lift(lo_s), layout.lift(up_s))
+  if lo_b is None:  # plain ReLU: the lower intercept is 0
+    picked_b = jnp.minimum(A, 0) * layout.lift(up_b)
+  else:
+    picked_b = A * jnp.where(take_lower, layout.lift(lo_b), layout.lift(up_b))
+  return A_x, layout.sum(picked_b)
+
+
+def maxpool_weights(A, l, u, eqn, layout: Layout):
+  """The relaxed max pooling applied to ``A`` at the pooling's output.
+
+  Returns ``(weights, offset, onehots)``: ``weights`` (``A``'s layout, at the output) go
+  to the window element with the largest lower bound (``onehots`` marks it per window
+  offset); negative coefficients only where it dominates its window, else they meet the
+  window's largest upper bound, a constant in ``offset``. Moving ``weights`` through the
+  windows is the layout's own step.
+  """
+  onehots, dominated, max_up = maxpool_relaxation(eqn, l, u)
+  pos, neg = jnp.maximum(A, 0), jnp.minimum(A, 0)
+  weights = pos + neg * layout.lift(dominated)
+  return weights, layout.dot(neg, (1 - dominated) * max_up), onehots
+
+
+def concretize_input(A, iset: InputSet, layout: Layout):
+  """``min <A, x'>`` over the input set (``A.shape[:lead]``), in closed form: the box
+  for l-inf (with the data box), else ``<A, x> - max_decrease`` (dual norm, top-k)."""
+  if iset.norm == "linf":
+    lower, upper = iset.box()
+    return layout.dot(jnp.maximum(A, 0), lower) + layout.dot(jnp.minimum(A, 0), upper)
+  batch = iset.x.shape[0]
+  centre = layout.dot(A, iset.x)
+  eps = iset.eps.reshape(batch, -1)[:, 0].reshape((batch,) + (1,) * (layout.lead - 1))
+  flat = A.reshape(A.shape[:layout.lead] + (-1,))
+  x = layout.lift(iset.x)
+  x = x.reshape(x.shape[:layout.lead] + (-1,))
+  return centre - max_decrease(iset, flat, x, eps)
+
+
+def identity_rows_per_chunk(n: int, bytes_per_row: int, chunk_bytes: int) -> int:
+  """How many of ``n`` identity rows (each ``bytes_per_row`` of coefficients) fit one
+  chunk of the memory budget (at least 1)."""
+  return int(max(1, min(n, chunk_bytes // max(1, bytes_per_row))))
+
+
+def chunked_identity_bounds(one_chunk: Callable[[jax.Array], Tuple[jax.Array, jax.Array]],
+                            n: int, chunk: int) -> Tuple[jax.Array, jax.Array]:
+  """Bounds of ``n`` identity rows computed ``chunk`` rows at a time.
+
+  Args:
+    one_chunk: ``start -> (lower, upper)``, each of shape (*lead, chunk): the bounds of
+      rows ``start ... start + chunk - 1`` (rows past ``n`` are padding).
+    n: the number of rows; chunk: rows per call.
+
+  Returns:
+    (lower, upper) of shape (*lead, n).
+  """
+  n_chunks = math.ceil(n / chunk)
+  if n_chunks == 1:
+    lo, up = one_chunk(0)
+  else:
+    # Rematerialised under grad, so training keeps one chunk of residuals, not all.
+    lo, up = lax.map(jax.checkpoint(one_chunk), jnp.arange(n_chunks) * chunk)
+    merge = lambda t: jnp.moveaxis(t, 0, -2).reshape(t.shape[1:-1] + (-1,))
+    lo, up = merge(lo), merge(up)
+  return lo[..., :n], up[..., :n]
