@@ -197,7 +197,7 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
   which a sound certificate says PGD cannot break); they count as robust. The steps run
   in compiled chunks of ``chunk`` (one compile for every eps and restart).
   """
-  from dm_jax.train.methods import pgd_attack  # pylint: disable=import-outside-toplevel
+  from dm_jax.train.methods.attacks import pgd_attack  # pylint: disable=import-outside-toplevel
   x, y = _check_xy(x, y)
   if steps < 1 or restarts < 1 or chunk < 1:
     raise ValueError(f"PGD needs steps, restarts and chunk >= 1; got {steps}, {restarts}, "
