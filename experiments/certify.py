@@ -12,13 +12,12 @@ Writes ``certify_<norm>.json``, ``.csv`` and ``.png`` (certified accuracy vs eps
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 
-from experiments import grids
+from experiments import cli, grids
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir (holding checkpoints/) or its "
@@ -102,15 +101,7 @@ def run() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected positional arguments: {' '.join(argv[1:])}")
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  from dm_jax.data import DatasetNotFoundError
-  try:
-    run()
-  except (ValueError, DatasetNotFoundError, FileNotFoundError) as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
+  cli.run_main(argv, run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from absl import flags
 
 from dm_jax.train.methods.double_margin import DM_LOSSES
-from experiments import grids
+from experiments import cli, grids
 from experiments.grids import parse_number
 
 FLAGS = flags.FLAGS
@@ -379,16 +379,4 @@ def parse_flags(argv):
 
 def main(argv: Sequence[str], defaults: DatasetDefaults) -> None:
   """absl entry point: one ``error: ...`` line on stderr and exit 1 on bad input."""
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected positional arguments: {' '.join(argv[1:])}")
-  from absl import logging
-  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows them
-    logging.set_verbosity(logging.WARNING)
-  from dm_jax.data import DatasetNotFoundError
-  from dm_jax.core.errors import UnsupportedPrimitiveError
-  try:
-    run(defaults)
-  except (ValueError, DatasetNotFoundError, FloatingPointError,
-          UnsupportedPrimitiveError) as e:
-    msg = " ".join(str(e).split())
-    sys.exit(f"error: {msg}")
+  cli.run_main(argv, lambda: run(defaults))

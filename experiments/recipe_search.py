@@ -25,6 +25,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("stage", "mnist_short", "Which group of recipes (see STAGES).")
 flags.DEFINE_string("root", "runs/recipes", "Where the runs' workdirs go.")
@@ -210,12 +212,7 @@ def run() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected positional arguments: {' '.join(argv[1:])}")
-  try:
-    run()
-  except (ValueError, RuntimeError) as e:
-    sys.exit(f"error: {e}")
+  cli.run_main(argv, run, errors=(ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

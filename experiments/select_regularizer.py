@@ -70,6 +70,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import app, flags
 
 from dm_jax.analysis import PAPER_REGULARIZERS
+from experiments import cli
 from experiments.grids import parse_number
 
 FLAGS = flags.FLAGS
@@ -627,15 +628,7 @@ def run() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected positional arguments: {' '.join(argv[1:])}")
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
-  from dm_jax.data import DatasetNotFoundError
-  try:
-    run()
-  except (ValueError, DatasetNotFoundError, FileNotFoundError) as e:
-    sys.exit(f"error: {' '.join(str(e).split())}")
+  cli.run_main(argv, run)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ RTOL = 1e-5
 
 # ------------------------------------------------------------------------ models
 
-def init_params(model, shape, seed: int):
+def init_params(model, shape, seed: int, bias_std: float = 0.1, weight_scale: float = 1.0):
   """Parameters with the shapes ``model.init`` would give, drawn with numpy (fast).
 
-  Kernels are N(0, 1/fan_in) (the init of SPEC.md), biases N(0, 0.1^2) (non-zero so the
-  bias path is exercised). Only shapes come from Flax (``jax.eval_shape``, no compute).
+  Kernels are N(0, weight_scale^2/fan_in) (the init of SPEC.md by default), biases
+  N(0, bias_std^2) (non-zero so the bias path is exercised). Only shapes come from Flax
+  (``jax.eval_shape``, no compute).
   """
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape)))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
@@ -38,10 +39,10 @@ def init_params(model, shape, seed: int):
   out = []
   for path, leaf in leaves:
     if "bias" in str(path[-1]):
-      val = rng.normal(0.0, 0.1, leaf.shape)
+      val = rng.normal(0.0, bias_std, leaf.shape)
     else:
       fan_in = int(np.prod(leaf.shape[:-1]))
-      val = rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape)
+      val = rng.normal(0.0, weight_scale / np.sqrt(fan_in), leaf.shape)
     out.append(jnp.asarray(val, leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -30,6 +30,7 @@ import pytest
 from absl.testing import parameterized
 
 import dm_jax
+import helpers
 from dm_jax.verify import certify as certify_lib
 from dm_jax.bounds import linear
 from dm_jax.verify import mip
@@ -40,20 +41,7 @@ LINEAR_METHODS = ("fastlin", "crown", "zero")
 
 # ------------------------------------------------------------------------- helpers
 
-def random_params(model, shape, seed, bias_std=0.1, weight_scale=1.0):
-  """Kernels N(0, weight_scale^2/fan_in), biases N(0, bias_std^2) (non-zero biases)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(shape)))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  rng = np.random.default_rng(seed)
-  out = []
-  for path, leaf in leaves:
-    if "bias" in str(path[-1]):
-      val = rng.normal(0.0, bias_std, leaf.shape)
-    else:
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      val = rng.normal(0.0, weight_scale / np.sqrt(fan_in), leaf.shape)
-    out.append(jnp.asarray(val, leaf.dtype))
-  return jax.tree_util.tree_unflatten(treedef, out)
+random_params = helpers.init_params
 
 
 def nominal_inputs(shape, batch, seed):
