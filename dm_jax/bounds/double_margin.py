@@ -24,7 +24,7 @@ Double Margin is NOT a sound bound; it is a training signal. Certify with
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +126,8 @@ def to_margins(a: Abstract, variant: str) -> Margins:
   return Margins(z, s, v, z - s - v, z + s + v)
 
 
-def expands_at_box_centre(variant: str, norm: str, domain) -> bool:
+def expands_at_box_centre(variant: str, norm: str,
+                          domain: Optional[Tuple[float, float]]) -> bool:
   """Whether :func:`double_margin` expands at the clipped box's centre instead of at x
   (``dm``/``s_only`` on the l-inf ball with a data box), so that ``Margins.z`` is the
   network there, not ``f(x)``."""
@@ -143,10 +144,11 @@ def _start_set(x, eps, norm, k, domain, variant) -> InputSet:
   return iset
 
 
-def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
-                  variant: str = "dm", k: Optional[int] = None,
+def double_margin(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
+                  norm: Any = "linf", *, variant: str = "dm", k: Optional[int] = None,
                   domain: Optional[Tuple[float, float]] = None,
-                  return_relu_inputs: bool = False):
+                  return_relu_inputs: bool = False
+                  ) -> Union[Margins, Tuple[Margins, Tuple[Margins, ...]]]:
   """The Double Margin triple of ``apply_fn(params, .)`` at ``x`` for radius ``eps``.
 
   Args:
@@ -175,9 +177,10 @@ def double_margin(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
   return to_margins(out, variant)
 
 
-def folded_margins(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps,
-                   norm="linf", *, variant: str = "dm", k: Optional[int] = None,
-                  domain: Optional[Tuple[float, float]] = None):
+def folded_margins(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Array, eps: Any,
+                   norm: Any = "linf", *, variant: str = "dm", k: Optional[int] = None,
+                   domain: Optional[Tuple[float, float]] = None
+                   ) -> Tuple[Margins, jax.Array]:
   """Double Margin's lower ends of the margins ``f_y - f_j`` with the specification
   folded into the affine layers after the last nonlinearity.
 
@@ -203,7 +206,8 @@ def folded_margins(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps,
   return to_margins(out, variant), linear.folded_lower_bounds(tape, spec)
 
 
-def split_cross_entropy(logits_upper, logits_lower, labels):
+def split_cross_entropy(logits_upper: jax.Array, logits_lower: jax.Array,
+                        labels: jax.Array) -> jax.Array:
   """``L+(upper) + L-(lower)`` for softmax cross-entropy: logsumexp(upper) - lower[y].
 
   Args:
@@ -218,7 +222,7 @@ def split_cross_entropy(logits_upper, logits_lower, labels):
   return lse - true
 
 
-def dm_regularizer(m: Margins, labels) -> jax.Array:
+def dm_regularizer(m: Margins, labels: jax.Array) -> jax.Array:
   """Eq. 9: ``R = mean[L+(z + s + v) + L-(z - s - v) - L(z)]`` (cross-entropy)."""
   clean = split_cross_entropy(m.z, m.z, labels)
   return jnp.mean(split_cross_entropy(m.upper, m.lower, labels) - clean)

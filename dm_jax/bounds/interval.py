@@ -7,7 +7,7 @@ the interval ``[c - r, c + r]`` maps to ``[g(c - r), g(c + r)]``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 
@@ -53,9 +53,11 @@ def to_bounds(a: propagation.Abstract) -> Bounds:
   return Bounds(*IntervalDomain().value_range(a))
 
 
-def interval_bounds(apply_fn: Callable, params, x: jax.Array, eps, norm="linf", *,
-                    k: Optional[int] = None, domain: Optional[Tuple[float, float]] = None,
-                    return_relu_inputs: bool = False):
+def interval_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
+                    norm: Any = "linf", *, k: Optional[int] = None,
+                    domain: Optional[Tuple[float, float]] = None,
+                    return_relu_inputs: bool = False
+                    ) -> Union[Bounds, Tuple[Bounds, Tuple[Bounds, ...]]]:
   """Sound element-wise bounds of ``apply_fn(params, x')`` over the input set.
 
   Args:

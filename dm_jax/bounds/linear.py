@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -445,10 +445,13 @@ def _other_classes(y, num_classes: int):
   return j + (j >= jnp.asarray(y)[:, None]).astype(j.dtype)
 
 
-def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="crown",
-                  intermediate: Optional[str] = None, k=None, domain=None,
+def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
+                  norm: Any = "linf", *, spec: Optional[jax.Array] = None,
+                  method: str = "crown", intermediate: Optional[str] = None,
+                  k: Optional[int] = None, domain: Optional[Tuple[float, float]] = None,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
-                  upper: bool = True, num_projections: int = 50, key=None,
+                  upper: bool = True, num_projections: int = 50,
+                  key: Optional[jax.Array] = None,
                   batch_block: Optional[int] = None) -> Bounds:
   """Sound bounds of ``spec @ f(x')`` over the input set.
 
@@ -486,10 +489,12 @@ def linear_bounds(apply_fn, params, x, eps, norm="linf", *, spec=None, method="c
                             batch_block=batch_block)
 
 
-def linear_bounds_over(apply_fn, params, iset: InputSet, *, spec=None, method="crown",
-                       intermediate=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                       use_patches: bool = True, upper: bool = True,
-                       num_projections: int = 50, key=None,
+def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
+                       spec: Optional[jax.Array] = None, method: str = "crown",
+                       intermediate: Optional[str] = None,
+                       chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
+                       upper: bool = True, num_projections: int = 50,
+                       key: Optional[jax.Array] = None,
                        batch_block: Optional[int] = None) -> Bounds:
   """:func:`linear_bounds` over a built (validated) input set: (B, R) bounds."""
   method = canonical_method(method)
@@ -601,10 +606,13 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
   return Bounds(low[:, :R], -low[:, R:])
 
 
-def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="crown",
-                        intermediate=None, k=None, domain=None,
+def margin_lower_bounds(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Array,
+                        eps: Any, norm: Any = "linf", *, method: str = "crown",
+                        intermediate: Optional[str] = None, k: Optional[int] = None,
+                        domain: Optional[Tuple[float, float]] = None,
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_projections: int = 50,
-                        key=None, batch_block: Optional[int] = None):
+                        key: Optional[jax.Array] = None,
+                        batch_block: Optional[int] = None) -> jax.Array:
   """Lower bounds of ``f_y(x') - f_j(x')`` over the set: (B, K), 0 at j == y.
 
   Arguments as :func:`linear_bounds`.
@@ -615,9 +623,11 @@ def margin_lower_bounds(apply_fn, params, x, y, eps, norm="linf", *, method="cro
       key=key, batch_block=batch_block)
 
 
-def margin_lower_bounds_over(apply_fn, params, iset: InputSet, y, *, method="crown",
-                             intermediate=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                             num_projections: int = 50, key=None,
+def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
+                             y: jax.Array, *, method: str = "crown",
+                             intermediate: Optional[str] = None,
+                             chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                             num_projections: int = 50, key: Optional[jax.Array] = None,
                              batch_block: Optional[int] = None) -> jax.Array:
   """:func:`margin_lower_bounds` over a built (validated) input set: (B, K)."""
   y = jnp.asarray(y)
@@ -644,8 +654,11 @@ def worst_margin(lb: jax.Array, y: jax.Array) -> jax.Array:
                  axis=-1)
 
 
-def relu_input_bounds(apply_fn, params, x, eps, norm="linf", *, method="crown",
-                      k=None, domain=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+def relu_input_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
+                      norm: Any = "linf", *, method: str = "crown",
+                      k: Optional[int] = None, domain: Optional[Tuple[float, float]] = None,
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                      ) -> List[Tuple[jax.Array, jax.Array]]:
   """Bounds (lower, upper) of every ReLU input, in execution order, with ``method``'s
   intermediate bounds (layer by layer; ``ibp``/``crown_ibp`` give interval bounds)."""
   method = canonical_method(method)
