@@ -152,13 +152,13 @@ def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
   (i,) = nodes
   node = entry.refs[i].index
   const = entry.refs[1 - i].value
-  if name in ("add", "add_any", "sub"):
+  if primitives.rule(name).forward == primitives.SUM:
     out_shape = tuple(eqn.outvars[0].aval.shape)
     if np.broadcast_shapes(np.shape(const), out_shape) != out_shape:
       return None
     const = jnp.broadcast_to(const, out_shape)
-    sign = -1.0 if (name == "sub" and i == 1) else 1.0  # c - x
-    bias = -const if (name == "sub" and i == 0) else const  # x - c
+    sign = primitives.operand_sign(name, i)  # x enters as sign * x ...
+    bias = primitives.operand_sign(name, 1 - i) * const  # ... and c as sign * c
     offset = jnp.einsum("r...,b...->br", shared.rows, bias)
     return node, SharedRows(sign * shared.rows, shared.batch), offset
   if name == "dot_general" and i == 0 and np.ndim(const) == 2:

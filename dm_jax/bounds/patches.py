@@ -222,7 +222,7 @@ def backward_patches(tape, target, A0: Patch, bounds, method):
           **e.eqn.params)
       offset = offset + _win_sum(patch.A, win(jnp.broadcast_to(bias, shape)))
       for i, node in nodes:
-        sign = -1.0 if (name == "sub" and i == 1) else 1.0
+        sign = primitives.operand_sign(name, i)
         add(node, Patch(sign * patch.A, patch.K, patch.S, patch.P))
   (node, patch), = coeffs.items()
   assert node == 0, node

@@ -14,7 +14,7 @@ new, one branch in ``propagation.affine`` (affine maps) or ``propagation.monoton
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, Optional
+from typing import Dict, FrozenSet, Optional, Tuple
 
 # kind: what the primitive is, as a function of its input-dependent operands.
 AFFINE = "affine"        # affine (linear part + offset)
@@ -72,6 +72,8 @@ class Rule:
       coordinate by coordinate (a permutation or selection), so a row norm stays exact.
     patch: the windowed backward pass's rule, or None.
     mip_max: the MIP encodes it as a max over fixed subsets of its input (MONOTONE only).
+    signs: for a sum of operands (forward SUM), the sign each operand enters with
+      (``sub``: +1, -1); None means all +1.
   """
   kind: str
   operands: str = ANY
@@ -81,6 +83,7 @@ class Rule:
   symbolic: bool = False
   patch: Optional[str] = None
   mip_max: bool = False
+  signs: Optional[Tuple[float, ...]] = None
 
 
 def _structural(symbolic: bool = False, patch: Optional[str] = None) -> Rule:
@@ -114,7 +117,8 @@ RULES: Dict[str, Rule] = {
     # Jointly affine; constant operands are offsets.
     "add": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
     "add_any": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
-    "sub": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "sub": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                signs=(1.0, -1.0)),
     "neg": Rule(AFFINE, ANY, BIAS, NEG, TAPE_AFFINE, patch=PATCH_NEG),
     "concatenate": Rule(AFFINE, ANY, BIAS, CONCAT, TAPE_AFFINE),
     # (Jointly linear in the operand and the padding value; the forward PAD rule takes a
@@ -176,6 +180,13 @@ def is_bias_operand(r: Rule, j: int) -> bool:
   """Whether constant operand ``j`` of an affine map is added to the output (so it is 0
   in the map's linear part and its value is the offset), not a coefficient or index."""
   return r.constants == BIAS and not (r.operands == DATA and j == 0)
+
+
+def operand_sign(name: str, j: int) -> float:
+  """The sign operand ``j`` of a sum-like primitive enters its output with (``sub``'s
+  second operand: -1; everything else +1)."""
+  signs = rule(name).signs
+  return 1.0 if signs is None else signs[j]
 
 
 def supported_summary() -> str:

@@ -313,8 +313,8 @@ def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
   if not same_shape:
     return None
   other = invals[1 - i] if len(invals) == 2 else None
-  if name in ("add", "sub", "add_any") and other is not None:
-    sign = -1.0 if (name == "sub" and i == 1) else 1.0
+  if getattr(primitives.rule(name), "forward", None) == primitives.SUM and other is not None:
+    sign = primitives.operand_sign(name, i)
     return InputAffine(_bind(eqn, *invals[:i], sym.value, *invals[i + 1:]),
                        sign * sym.scale, sym.raw)
   if name == "mul" and other is not None:
