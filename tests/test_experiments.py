@@ -47,7 +47,7 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   assert table["num_points"] == 20 and table["method"] == "dm_ibp_v"
   # MNIST's defaults: the recipe of docs/recipes.md, certified on the ball and the box
   assert table["lam_form"] == "kappa" and table["config"]["schedule"] == "proportional"
-  assert table["config"]["method_kwargs"] == {"dm_loss": "worst_case", "dm_domain": True}
+  assert table["config"]["method_kwargs"] == {"dm_loss": "folded", "dm_domain": True}
   assert table["config"]["kappa_final"] == 0.25 and "kappa_final=0.25" in r.stdout
   assert table["cert_domain"] == [0.0, 1.0] and "pgd" in table["table"]
   assert table["command"].startswith("python -m experiments.mnist --epochs=1")
