@@ -71,11 +71,6 @@ def canonical_method(method: str) -> str:
 
 # ------------------------------------------------------------------ backward pass
 
-def _sum_rows(a, b):
-  """<a, b> over the value axes: a (B, R, *S), b (B, *S) -> (B, R)."""
-  return jnp.sum(a * b[:, None], axis=tuple(range(2, a.ndim)))
-
-
 def _transpose_rows(fn, A, primal):
   """Applies the transpose of linear ``fn`` (on ``primal``-shaped inputs) to each row."""
   t = jax.linear_transpose(fn, primal)
@@ -118,7 +113,7 @@ def _affine_backward(entry: Entry, A, env_const):
   bias = eqn.primitive.bind(
       *[jnp.zeros_like(primals[j]) if isinstance(r, NodeRef) else r.value
         for j, r in enumerate(entry.refs)], **eqn.params)
-  offset = None if prim.constants == primitives.COEFFICIENT else _sum_rows(A, bias)
+  offset = None if prim.constants == primitives.COEFFICIENT else DENSE.dot(A, bias)
   return out, offset
 
 
@@ -197,7 +192,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
   def add(node, a):
     coeffs[node] = dense(coeffs[node]) + dense(a) if node in coeffs else a
 
-  nominal = lambda node: interval_of(tape, node)[0]
+  nominal = lambda node: nominal_of(tape, node)  # shapes and dtypes of the primals
   for entry in reversed(tape.entries):
     if entry.out > target or entry.out not in coeffs:
       continue
@@ -236,7 +231,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     a = dense(a)
     if node in stop_nodes:
       l, u = stop_nodes[node]
-      lower = lower + _sum_rows(jnp.maximum(a, 0), l) + _sum_rows(jnp.minimum(a, 0), u)
+      lower = lower + relaxations.box_minimum(a, l, u, DENSE)
     elif node == 0:
       lower = lower + relaxations.concretize_input(a, tape.iset, DENSE)
     else:  # pragma: no cover - every path ends at the input or a stop node

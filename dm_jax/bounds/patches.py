@@ -190,7 +190,6 @@ def backward_patches(tape, target, A0: Patch, bounds, method):
     name = e.eqn.primitive.name
     nodes = e.nodes()
     layout = _layout(patch, out_hw)
-    win = lambda t: windows(t, patch.K, patch.S, patch.P, out_hw)
     if e.kind == primitives.TAPE_RELU:
       (_, node), = nodes
       l, u = bounds[node]
@@ -213,14 +212,14 @@ def backward_patches(tape, target, A0: Patch, bounds, method):
       const = e.refs[1 - nodes[0][0]].value
       shape = node_shape(tape, node)
       factor = jnp.broadcast_to(1 / const if name == "div" else const, shape)
-      add(node, Patch(patch.A * win(factor)[:, :, :, None], patch.K, patch.S, patch.P))
+      add(node, Patch(patch.A * layout.lift(factor), patch.K, patch.S, patch.P))
     else:  # add / sub / add_any
       shape = node_shape(tape, e.out)
       zeros = jnp.zeros(shape, patch.A.dtype)
       bias = e.eqn.primitive.bind(
           *[zeros if isinstance(r, NodeRef) else r.value for r in e.refs],
           **e.eqn.params)
-      offset = offset + _win_sum(patch.A, win(jnp.broadcast_to(bias, shape)))
+      offset = offset + layout.dot(patch.A, jnp.broadcast_to(bias, shape))
       for i, node in nodes:
         sign = primitives.operand_sign(name, i)
         add(node, Patch(sign * patch.A, patch.K, patch.S, patch.P))

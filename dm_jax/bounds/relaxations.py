@@ -166,12 +166,17 @@ def maxpool_weights(A, l, u, eqn, layout: Layout):
   return weights, layout.dot(neg, (1 - dominated) * max_up), onehots
 
 
+def box_minimum(A, lower, upper, layout: Layout):
+  """``min <A, h>`` over the box ``lower <= h <= upper`` (node tensors (B, *S)):
+  ``A.shape[:lead]``."""
+  return layout.dot(jnp.maximum(A, 0), lower) + layout.dot(jnp.minimum(A, 0), upper)
+
+
 def concretize_input(A, iset: InputSet, layout: Layout):
   """``min <A, x'>`` over the input set (``A.shape[:lead]``), in closed form: the box
   for l-inf (with the data box), else ``<A, x> - max_decrease`` (dual norm, top-k)."""
   if iset.norm == "linf":
-    lower, upper = iset.box()
-    return layout.dot(jnp.maximum(A, 0), lower) + layout.dot(jnp.minimum(A, 0), upper)
+    return box_minimum(A, *iset.box(), layout)
   batch = iset.x.shape[0]
   centre = layout.dot(A, iset.x)
   eps = iset.eps.reshape(batch, -1)[:, 0].reshape((batch,) + (1,) * (layout.lead - 1))
