@@ -39,21 +39,10 @@ SLOW_METHODS = ("adv", "trades", "mmr", "crown_ibp", "bounded", "bounded_p50")
 EPOCH_STEPS_100 = 60000  # 100 MNIST epochs at batch 100
 
 
-def _option_value(text: str):
-  low = text.lower()
-  if low in ("true", "false"):
-    return low == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
 def parse_method(entry: str):
   """``name`` or ``name[option=value;...]`` -> (name, get_method keyword options);
   ``bounded_pK`` is bounded with K random projections."""
+  from dm_jax.train.methods import parse_option_value
   match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", entry.strip())
   if match is None:
     raise ValueError(f"bad method entry {entry!r}; expected name or name[option=value;...]")
@@ -63,7 +52,7 @@ def parse_method(entry: str):
     key, sep, value = item.partition("=")
     if not sep:
       raise ValueError(f"bad option {item!r} in {entry!r}; expected option=value")
-    kwargs[key.strip()] = _option_value(value.strip())
+    kwargs[key.strip()] = parse_option_value(value)
   projections = re.fullmatch(r"bounded_p(\d+)", name)
   if projections:
     name, kwargs = "bounded", dict(kwargs, bounded_projections=int(projections.group(1)))

@@ -11,7 +11,8 @@ from dm_jax.models import ARCHITECTURES, get_model
 
 __all__ = [
     "ARCHITECTURES", "Bounds", "Margins", "UnsupportedPrimitiveError", "dm_regularizer",
-    "double_margin", "folded_margins", "get_model", "interval_bounds", "make_input_set", "split_cross_entropy",
+    "double_margin", "folded_margins", "get_model", "interval_bounds", "make_input_set",
+    "split_cross_entropy",
 ]
 __version__ = "0.1.0"
 

@@ -38,16 +38,6 @@ flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR)
 flags.DEFINE_string("output_dir", None, "Where to write the table (default: checkpoint dir).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-def _read_config(ckpt_dir: Path) -> dict:
-  import orbax.checkpoint as ocp
-  manager = ocp.CheckpointManager(ckpt_dir.resolve())
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"no checkpoint found in {ckpt_dir}")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  return dict(meta["config"])
-
-
 def run() -> None:
   import numpy as np
   from dm_jax import data as data_lib, train as train_lib
@@ -55,14 +45,7 @@ def run() -> None:
 
   if not FLAGS.checkpoint:
     raise ValueError("--checkpoint is required (a training workdir).")
-  workdir = Path(FLAGS.checkpoint)
-  if workdir.name == "checkpoints":
-    workdir = workdir.parent
-  if not (workdir / "checkpoints").is_dir():
-    raise ValueError(f"no checkpoints/ directory in {workdir}")
-  cfg = _read_config(workdir / "checkpoints")
-  config = train_lib.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in cfg.items()})
+  workdir, config = train_lib.load_config(FLAGS.checkpoint)
   dataset_name = FLAGS.dataset or config.dataset
   grid = grids.CURVE.get(dataset_name, grids.CURVE["mnist"])
   if FLAGS.eps_grid:

@@ -208,8 +208,9 @@ def build_config(defaults: DatasetDefaults):
   # to any method (so --dm_loss with --method=ibp is an error naming both). A method's
   # own default stays out of method_kwargs, so configs read as before.
   reads = methods.spec(method).options
-  for name, method_default in (("dm_loss", "split"), ("dm_domain", False),
-                               ("ibp_margin", False)):
+  method_defaults = methods.option_defaults()
+  for name in ("dm_loss", "dm_domain", "ibp_margin"):
+    method_default = method_defaults[name]
     value = setting(name, defaults)
     if ((getattr(FLAGS, name) is not None and name not in reads)
         or (name in reads and value != method_default)):

@@ -58,7 +58,6 @@ candidate whose method has no regularizer term (normal, adv, trades) is an error
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -131,20 +130,6 @@ def define_flags() -> None:
 
 # ----------------------------------------------------------------------------- parsing
 
-def _parse_value(text: str) -> Any:
-  low = text.strip().lower()
-  if low in ("true", "false"):
-    return low == "true"
-  if low in ("none", "null"):
-    return None
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return text.strip()
-
-
 def parse_candidates(text: str) -> List[Tuple[str, str, Dict[str, Any]]]:
   """'dm,ibp/ibp_margin=true' -> [(label, method, options)]; ValueError when malformed."""
   from dm_jax.train import methods
@@ -158,7 +143,7 @@ def parse_candidates(text: str) -> List[Tuple[str, str, Dict[str, Any]]]:
       key, sep, value = opt.partition("=")
       if not sep or not key.strip():
         raise ValueError(f"--candidates: option {opt!r} of {entry!r} must be key=value.")
-      options[key.strip()] = _parse_value(value)
+      options[key.strip()] = methods.parse_option_value(value)
     methods.spec(name.strip())  # ValueError listing the registered methods
     if entry in labels:
       raise ValueError(f"--candidates: {entry!r} is given twice.")
@@ -177,20 +162,8 @@ def load_checkpoint(path: str, data_dir: Optional[str] = None,
   checkpoint (orbax, :mod:`dm_jax.train.checkpoint`)."""
   from dm_jax import data as data_lib
   from dm_jax import train as train_lib
-  from dm_jax.train.checkpoint import Checkpointer, latest_step
 
-  workdir = Path(path)
-  if workdir.name == "checkpoints":
-    workdir = workdir.parent
-  step = latest_step(workdir / "checkpoints")
-  if step is None:
-    raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} (give a training "
-                     "workdir, as written by experiments.mnist --workdir).")
-  with Checkpointer(workdir / "checkpoints") as ckpt:
-    saved = dict(ckpt.read_meta().get("config") or {})
-  fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
-  config = train_lib.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in saved.items() if k in fields})
+  workdir, config = train_lib.load_config(path)
   ds = data_lib.load_dataset(dataset or config.dataset, data_dir)
   num_classes = config.num_classes or ds.num_classes
   state = train_lib.load_params(workdir, config, ds.input_shape, num_classes)

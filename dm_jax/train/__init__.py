@@ -6,11 +6,11 @@ here.
 """
 from dm_jax.train.loop import (Evaluator, TrainConfig, TrainState, ada_kappa, build_model,
                                canonical_method, create_train_state, default_workdir,
-                               get_model, hyper_value, load_params, make_apply_fn,
-                               make_optimizer, make_train_step, train)
+                               get_model, hyper_value, load_config, load_params,
+                               make_apply_fn, make_optimizer, make_train_step, train)
 
 __all__ = [
     "Evaluator", "TrainConfig", "TrainState", "ada_kappa", "build_model", "canonical_method",
-    "create_train_state", "default_workdir", "get_model", "hyper_value", "load_params",
-    "make_apply_fn", "make_optimizer", "make_train_step", "train",
+    "create_train_state", "default_workdir", "get_model", "hyper_value", "load_config",
+    "load_params", "make_apply_fn", "make_optimizer", "make_train_step", "train",
 ]

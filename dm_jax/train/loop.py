@@ -645,6 +645,23 @@ def _prune(state: TrainState, threshold: float) -> TrainState:
   return state.replace(params=params, masks=masks)
 
 
+def load_config(workdir) -> Tuple[Path, TrainConfig]:
+  """``(workdir, config)``: the training configuration saved with the latest checkpoint
+  of a run's ``workdir`` (or of its ``checkpoints/`` folder, also accepted)."""
+  from dm_jax.train.checkpoint import Checkpointer, latest_step
+  workdir = Path(workdir)
+  if workdir.name == "checkpoints":
+    workdir = workdir.parent
+  if latest_step(workdir / "checkpoints") is None:
+    raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} (give a training "
+                     "workdir, as written by experiments.<dataset> --workdir).")
+  with Checkpointer(workdir / "checkpoints") as ckpt:
+    saved = dict(ckpt.read_meta().get("config") or {})
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  return workdir, TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in saved.items() if k in fields})
+
+
 def load_params(workdir, config: TrainConfig, input_shape, num_classes: int):
   """Restores the params of the latest checkpoint in ``workdir`` (for certification)."""
   from dm_jax.train.checkpoint import Checkpointer

@@ -38,7 +38,8 @@ from dm_jax.train.methods.base import (COMMON_OPTIONS, LAM_FORMS, SOLVER_OPTIONS
                                        Method, MethodSpec, Options, accuracy, canonical_name,
                                        cross_entropy, default_lam_final, get_method,
                                        interval_margins, kappa_form, kappa_form_summary,
-                                       margin_certified, names, register, spec, unregister,
+                                       margin_certified, names, option_defaults,
+                                       parse_option_value, register, spec, unregister,
                                        worst_case_logits)
 from dm_jax.train.methods.penalties import (apply_masks, l1_penalty, l2_penalty,  # noqa: F401
                                             no_masks, prune_small_weights)

@@ -374,9 +374,31 @@ def _extra_option_defaults() -> Dict[str, Any]:
   return {o: d for m in _SPECS.values() for o, d in m.extra_options.items()}
 
 
+def option_defaults() -> Dict[str, Any]:
+  """Every method option (get_method's keywords and the registered methods' own) and
+  its default."""
+  return {**_KEYWORD_DEFAULTS, **_extra_option_defaults()}
+
+
+def parse_option_value(text: str) -> Any:
+  """A get_method option value written as text (command lines): true/false, none/null,
+  an int, a float, else the string itself."""
+  low = text.strip().lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if low in ("none", "null"):
+    return None
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text.strip()
+
+
 def _check_options(method: MethodSpec, options: Dict[str, Any]) -> None:
   """ValueError for an option ``method`` does not read that is not at its default."""
-  defaults = {**_KEYWORD_DEFAULTS, **_extra_option_defaults()}
+  defaults = option_defaults()
   read = set(COMMON_OPTIONS) | set(SOLVER_OPTIONS) | set(method.options)
   for option, value in options.items():
     if option in read:
