@@ -9,7 +9,7 @@ The step is ``dm_jax.train.make_train_step`` (``value_and_grad`` of the method's
 ``optax.adam`` update, the same jit-compiled step the trainer runs) on a state from
 ``dm_jax.train.create_train_state``. The per-step scalars are fixed at their end-of-ramp
 values (eps 0.3, lam 0.5, kappa 0.5) so every branch of each loss is active. Inputs are
-uniform [0, 1] MNIST-shaped images with random labels (the same batch every step). Each
+uniform [0, 1] images of ``--dataset``'s shape (default MNIST) with random labels (the same batch every step). Each
 method runs in its own subprocess (clean peak RSS). After compiling
 (``lower().compile()``, timed) and 2 warm-up steps, ``--steps`` steps (``--slow_steps``
 for the slow methods adv, trades, mmr (40 PGD steps per training step or per-unit
@@ -37,6 +37,8 @@ from benchmarks.certify_bench import (append_run, machine_info, peak_rss_mb,  # 
 
 SLOW_METHODS = ("adv", "trades", "mmr", "crown_ibp", "bounded", "bounded_p50")
 EPOCH_STEPS_100 = 60000  # 100 MNIST epochs at batch 100
+# Input shape and classes of the (random) batches per dataset (--dataset).
+INPUTS = {"mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10), "gtsrb": ((32, 32, 3), 43)}
 
 
 def parse_method(entry: str):
@@ -64,13 +66,15 @@ def worker(spec: dict) -> dict:
   import jax.numpy as jnp
   from dm_jax import train
   from dm_jax.train import methods, schedules
-  config = train.TrainConfig(dataset="mnist", arch=spec["arch"], method=spec["method"],
+  dataset = spec.get("dataset", "mnist")
+  input_shape, num_classes = INPUTS[dataset]
+  config = train.TrainConfig(dataset=dataset, arch=spec["arch"], method=spec["method"],
                              batch_size=spec["batch"], eps_train=0.3, progress=False)
-  model = train.get_model(config.arch, num_classes=10)
+  model = train.get_model(config.arch, num_classes=num_classes)
   apply_fn = train.make_apply_fn(config, model)
   sched = schedules.resolve("mnist", EPOCH_STEPS_100, eps_final=0.3, lam_final=1.0)
   tx = train.make_optimizer(config, sched)
-  state = train.create_train_state(config, jax.random.PRNGKey(0), (28, 28, 1), model=model,
+  state = train.create_train_state(config, jax.random.PRNGKey(0), input_shape, model=model,
                                    tx=tx)
   name, kwargs = parse_method(spec["method"])
   method = methods.get_method(name, **kwargs)  # a registered name or an alias (dm*)
@@ -82,8 +86,8 @@ def worker(spec: dict) -> dict:
   step = train.make_train_step(config, apply_fn, method.loss, tx, sched,
                                make_hyper=make_hyper, prune=method.prune)
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
-  x = jax.random.uniform(kx, (spec["batch"], 28, 28, 1), jnp.float32)
-  y = jax.random.randint(ky, (spec["batch"],), 0, 10)
+  x = jax.random.uniform(kx, (spec["batch"], *input_shape), jnp.float32)
+  y = jax.random.randint(ky, (spec["batch"],), 0, num_classes)
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y).compile()
   compile_s = time.perf_counter() - t0
@@ -147,6 +151,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--arch", default="small")
   p.add_argument("--batch_size", type=int, default=100)
+  p.add_argument("--dataset", default="mnist", choices=sorted(INPUTS),
+                 help="input shape and classes of the random batches")
   p.add_argument("--methods", default=",".join(METHODS + ("bounded_p50",)),
                  help="registry names, each optionally with get_method options as "
                  "name[option=value;...] (e.g. dm[dm_loss=folded;lam_form=kappa]); "
@@ -156,6 +162,8 @@ def main(argv=None):
                  help=f"timed steps for {', '.join(SLOW_METHODS)} (default: --steps)")
   p.add_argument("--timeout", type=float, default=600.0, help="per-method subprocess limit")
   p.add_argument("--write", action="store_true", help="append the run to docs/benchmarks.md")
+  p.add_argument("--json_out", default=None, help="also write the rows, the machine and "
+                 "the load to this JSON file")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._worker:
@@ -166,7 +174,8 @@ def main(argv=None):
   for m in re.split(r",(?![^\[]*\])", args.methods):
     steps = args.slow_steps if (m in SLOW_METHODS and args.slow_steps) else args.steps
     r = run_worker("benchmarks.train_bench",
-                   dict(arch=args.arch, batch=args.batch_size, method=m, steps=steps),
+                   dict(arch=args.arch, batch=args.batch_size, method=m, steps=steps,
+                        dataset=args.dataset),
                    args.timeout)
     rows.append(r)
     print(m, r.get("error") or f"{r['median_ms']:.2f} ms/step, compile "
@@ -176,6 +185,11 @@ def main(argv=None):
   if tg:
     body += "\n\nTargets measured in this run:\n\n" + "\n".join(f"* {t}" for t in tg)
   print(body)
+  if args.json_out:
+    with open(args.json_out, "w") as f:
+      json.dump(dict(rows=rows, machine=machine_info(), load_at_start=start_load,
+                     command=["benchmarks.train_bench"] + (argv if argv is not None
+                                                          else sys.argv[1:])), f, indent=1)
   if args.write:
     append_run(f"train_bench ({args.arch}, batch {args.batch_size})",
                ["benchmarks.train_bench"] + (argv if argv is not None else sys.argv[1:]),

@@ -85,6 +85,8 @@ flags.DEFINE_string("eps_schedule", None, "'warmup_end,ramp_end' steps of the ep
 flags.DEFINE_string("workdir", None, "Output directory (default "
                     "./runs/<dataset>_<method>_<arch>_eps<eps>).")
 flags.DEFINE_integer("seed", 0, "Seed (init, data order, augmentation, cert points).")
+flags.DEFINE_integer("cert_seed", None, "Seed of the certified test points (default: "
+                     "--seed), so runs of other seeds certify the same points.")
 flags.DEFINE_integer("num_cert_points", None, "Random test points to certify (0: skip); "
                      "default: the dataset's.")
 flags.DEFINE_string("cert_methods", None, "Certifiers for the table (comma-separated: "
@@ -138,6 +140,8 @@ flags.DEFINE_bool("cert_domain", None, "Certify (final table and per-epoch IBP c
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
                   "Gowal et al. and Zhang et al.); off: the plain ball; default: the "
                   "dataset's.")
+flags.DEFINE_bool("dry_run", False, "Validate the flags, print the resolved training "
+                  "configuration as JSON and exit (no data, no training).")
 flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examples held "
                      "out to measure the losses.")
 
@@ -312,6 +316,10 @@ def run(defaults: DatasetDefaults) -> None:
     from dm_jax.verify.certify import canonical_certifier
     for m in cert_methods:
       canonical_certifier(m)  # ValueError for an unknown certifier
+  if FLAGS.dry_run:
+    print(json.dumps(dict(config.to_json(), cert_methods=list(cert_methods),
+                          num_cert_points=num_cert_points, eps_grid=list(grid)), indent=1))
+    return
   dataset = data_lib.load_dataset(defaults.dataset, FLAGS.data_dir)
   print(f"data: {dataset}", flush=True)
   print(f"run: {defaults.dataset} method={config.method} arch={config.arch} "
@@ -328,7 +336,8 @@ def run(defaults: DatasetDefaults) -> None:
   if num_cert_points == 0:
     return
   n = min(num_cert_points, dataset.num_test)
-  idx = np.sort(np.random.default_rng(config.seed).choice(dataset.num_test, n, replace=False))
+  cert_seed = config.seed if FLAGS.cert_seed is None else FLAGS.cert_seed
+  idx = np.sort(np.random.default_rng(cert_seed).choice(dataset.num_test, n, replace=False))
   x, y = dataset.x_test[idx], dataset.y_test[idx]
   _, apply_fn = train_lib.build_model(config, dataset.num_classes)
   cert_domain = (0.0, 1.0) if setting("cert_domain", defaults) else None
@@ -342,7 +351,7 @@ def run(defaults: DatasetDefaults) -> None:
   cert_time = time.time() - t1
   lam = (config.lam_final if config.lam_final is not None else
          methods.default_lam_final(config.method, config.lam_form))
-  header = (f"Certified accuracy ({n} random test points, seed {config.seed}), "
+  header = (f"Certified accuracy ({n} random test points, seed {cert_seed}), "
             f"{defaults.dataset} {config.arch} {config.method} eps_train="
             f"{config.eps_train:.4g} lam_form={config.lam_form} lambda_final={lam:g} "
             f"kappa_final={config.kappa_final:g}; "
@@ -353,6 +362,7 @@ def run(defaults: DatasetDefaults) -> None:
   info = {"dataset": defaults.dataset, "method": config.method, "arch": config.arch,
           "eps_train": config.eps_train, "lam_form": config.lam_form, "lambda_final": lam,
           "num_points": n, "test_indices": idx.tolist(), "seed": config.seed,
+          "cert_seed": cert_seed,
           "cert_methods": list(cert_methods), "cert_domain": cert_domain,
           "train_time_s": train_time,
           "cert_time_s": cert_time, "wall_time_s": time.time() - t_start,
