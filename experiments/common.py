@@ -104,7 +104,10 @@ flags.DEFINE_bool("resume", True, "Continue from the latest checkpoint in workdi
 flags.DEFINE_integer("max_train_examples", None, "Train on the first N examples only.")
 flags.DEFINE_integer("ensemble", 1, "Number of ensemble members (Appendix H.2).")
 flags.DEFINE_float("l1", 0.0, "l1 weight penalty added to the method (DM + L1).")
-flags.DEFINE_string("norm", "linf", "Threat model: linf, l2, l1 (training and cert).")
+flags.DEFINE_string("norm", "linf", "Threat model: linf, l2, l1 or l0 (training and cert). "
+                    "For l0, --eps and the --eps_grid radii are numbers of changed pixels k "
+                    "(integers; the paper's 'eps = 2' of Table 4): the set has k pixels "
+                    "from the first step (the ramp moves kappa/lambda only).")
 flags.DEFINE_bool("prune", False, "Magnitude pruning (relu_stability + pruning).")
 flags.DEFINE_bool("adv", False, "relu_stability: PGD CE instead of clean CE.")
 flags.DEFINE_float("grad_clip", 0.0, "Global-norm gradient clipping (0: off).")
@@ -200,8 +203,12 @@ def build_config(defaults: DatasetDefaults):
     raise ValueError(f"--pgd_steps must be >= 1 and --pgd_restarts >= 0; got "
                      f"{FLAGS.pgd_steps}, {FLAGS.pgd_restarts}")
   norm = canonical_norm(FLAGS.norm)
+  k = None
   if norm == "l0":
-    raise ValueError("--norm l0 is not supported by the experiment scripts (needs k)")
+    if FLAGS.eps is None or float(eps) != int(eps) or eps < 1:
+      raise ValueError(f"--norm=l0 needs --eps=K, the number of changed pixels (an "
+                       f"integer >= 1); got --eps={FLAGS.eps}")
+    k = int(eps)
   eps_schedule = parse_steps(FLAGS.eps_schedule, "eps_schedule", 2)
   lr_boundaries = parse_steps(FLAGS.lr_boundaries, "lr_boundaries")
   # The method validates its options: one it does not read (--dm_domain for a method
@@ -223,13 +230,13 @@ def build_config(defaults: DatasetDefaults):
   if FLAGS.projections:
     method_kwargs["bounded_projections"] = FLAGS.projections
   try:
-    methods.get_method(method, norm=norm, l1=FLAGS.l1, prune=FLAGS.prune, adv=FLAGS.adv,
+    methods.get_method(method, norm=norm, k=k, l1=FLAGS.l1, prune=FLAGS.prune, adv=FLAGS.adv,
                        lam_form=lam_form, **method_kwargs)
   except ValueError as e:
     raise ValueError(f"--method={method}: {e}") from None
   workdir = FLAGS.workdir or default_workdir(defaults.dataset, method, arch, eps)
   config = TrainConfig(
-      dataset=defaults.dataset, arch=arch, method=method, norm=norm, l1=FLAGS.l1,
+      dataset=defaults.dataset, arch=arch, method=method, norm=norm, k=k, l1=FLAGS.l1,
       prune=FLAGS.prune, adv=FLAGS.adv, lam_form=lam_form, eps_train=eps,
       epochs=epochs, batch_size=batch_size, lr=lr, lr_boundaries=lr_boundaries,
       eps_schedule=eps_schedule, lam_final=FLAGS.lambda_final, seed=FLAGS.seed,

@@ -452,3 +452,38 @@ def test_table_monotone_pass_and_pgd_row(trained):
   assert robust.mean() < table["clean"]
   with pytest.raises(ValueError, match="restarts"):
     C.pgd_robust(apply_fn, params, x, y, (0.1,), restarts=0)
+
+
+def test_l0_table_grid_counts_changed_pixels(trained):
+  """For norm l0 without k, the table's radii are k: its columns equal certify at each k
+  (k = 0: the clean accuracy), and no sampled k-pixel change flips a certified point."""
+  apply_fn, params, x, y = trained
+  grid = (0, 1, 2)
+  table = C.certified_accuracy_table(apply_fn, params, x, y, grid, methods=("fastlin", "ibp"),
+                                     norm="l0", progress=False, batch_size=x.shape[0])
+  assert table["rows"]["best"][0] == pytest.approx(table["clean"])
+  certified = {}
+  for i, k in enumerate(grid[1:], start=1):
+    union = np.zeros(x.shape[0], bool)
+    for m in ("fastlin", "ibp"):
+      cert, _ = C.certify(apply_fn, params, x, y, None, "l0", method=m, k=k,
+                          batch_size=x.shape[0])
+      assert table["rows"][m][i] == pytest.approx(cert.mean()), (m, k)
+      union |= cert
+    certified[k] = union
+  assert certified[2].sum() > 0, "nothing certified at k = 2: the sampling check is empty"
+  rng = np.random.default_rng(0)
+  flat = x.reshape(x.shape[0], -1)
+  for i in np.flatnonzero(certified[2]):
+    samples = np.repeat(flat[i:i + 1], 256, 0)
+    for row in samples:  # k = 2 pixels, each to a random extreme or uniform value
+      where = rng.choice(flat.shape[1], 2, replace=False)
+      row[where] = rng.choice([0.0, 1.0, rng.uniform()], 2)
+    pred = np.asarray(apply_fn(params, jnp.asarray(samples.reshape((-1,) + x.shape[1:]))))
+    assert np.all(pred.argmax(-1) == y[i]), f"point {i} flipped inside its certified l0 set"
+  with pytest.raises(ValueError, match="integers >= 0"):
+    C.certified_accuracy_table(apply_fn, params, x, y, (0, 0.5), methods=("ibp",),
+                               norm="l0", progress=False)
+  with pytest.raises(ValueError, match="PGD row"):
+    C.certified_accuracy_table(apply_fn, params, x, y, (0, 1), methods=("ibp",),
+                               norm="l0", progress=False, pgd=dict(steps=2, restarts=1))

@@ -98,6 +98,7 @@ def test_mnist_small_cnn_brief_command(tmp_path):
     ("experiments.mnist", "--eps_grid=0.3,0.1", "eps_grid"),
     ("experiments.mnist", "--eps_schedule=100,50", "eps_schedule"),
     ("experiments.mnist", "--lr=0", "lr"),
+    ("experiments.mnist", "--norm=l0 --eps=0.5", "changed pixels"),
 ])
 def test_bad_flags_exit_with_one_line(tmp_path, module, flag, needle):
   r = _run([module, *flag.split(), f"--workdir={tmp_path / 'w'}"], timeout=120)

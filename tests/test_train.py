@@ -329,6 +329,17 @@ def test_ada_kappa_config_errors(tmp_path):
     _config(tmp_path, "a", method="ibp", kappa_mode="sometimes").validate()
 
 
+def test_l0_config_needs_k_and_trains(tmp_path):
+  with pytest.raises(ValueError, match="needs k"):
+    _config(tmp_path, "a", method="dm", norm="l0").validate()
+  with pytest.raises(ValueError, match="only used with norm 'l0'"):
+    _config(tmp_path, "a", method="dm", k=2).validate()
+  # The l0 set (2 changed pixels) reaches the method and the per-epoch check.
+  state, hist = train_lib.train(_config(tmp_path, "l0", method="ibp", norm="l0", k=2),
+                                _synthetic())
+  assert int(state.step) > 0 and np.isfinite(hist[-1]["loss"])
+
+
 @pytest.mark.sweep
 def test_ada_kappa_is_measured_each_epoch_and_resumes_exactly(tmp_path):
   ds = _synthetic()  # 200 train: 50 held out, 150 = 3 steps of 50 per epoch

@@ -58,6 +58,7 @@ class TrainConfig:
   arch: str = "small"
   method: str = "dm"
   norm: str = "linf"
+  k: Optional[int] = None                            # norm "l0": changed coordinates
   l1: float = 0.0
   prune: bool = False
   adv: bool = False
@@ -119,6 +120,13 @@ class TrainConfig:
       raise ValueError(f"grad_clip must be >= 0; got {self.grad_clip!r}.")
     if self.ensemble < 1:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
+    if self.norm == "l0" and (isinstance(self.k, bool) or not isinstance(self.k, int)
+                              or self.k <= 0):
+      raise ValueError(f"norm 'l0' needs k, a positive integer number of changed "
+                       f"coordinates; got k={self.k!r}.")
+    if self.norm != "l0" and self.k is not None:
+      raise ValueError(f"k is only used with norm 'l0'; got k={self.k!r} with norm "
+                       f"{self.norm!r}.")
     if self.max_train_examples is not None and self.max_train_examples <= 0:
       raise ValueError(f"max_train_examples must be positive; got "
                        f"{self.max_train_examples!r}.")
@@ -228,7 +236,7 @@ def canonical_method(name: str) -> str:
 
 def _get_method(config: TrainConfig):
   from dm_jax.train import methods  # lazy: methods imports the bound modules
-  return methods.get_method(config.method, norm=config.norm, l1=config.l1,
+  return methods.get_method(config.method, norm=config.norm, k=config.k, l1=config.l1,
                             prune=config.prune, adv=config.adv, lam_form=config.lam_form,
                             **config.method_kwargs)
 
@@ -323,10 +331,10 @@ class Evaluator:
     def cert_fn(params, x, y, eps):
       # IBP with the margin specification folded into the last affine layer.
       lb = margin_lower_bounds(apply_fn, params, x, y, eps, norm, method="ibp",
-                               domain=domain)
+                               domain=domain, k=config.k)
       certified = worst_margin(lb, y) > 0
       correct = jnp.argmax(apply_fn(params, x), -1) == y
-      m = double_margin(apply_fn, params, x, eps, norm)
+      m = double_margin(apply_fn, params, x, eps, norm, k=config.k)
       return (jnp.mean((certified & correct).astype(jnp.float32)),
               jnp.mean(m.s), jnp.mean(m.v))
 

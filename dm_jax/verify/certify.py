@@ -122,7 +122,9 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
 
   Args:
     apply_fn, params, x (N, ...), y (N,): the model and the points.
-    eps_grid: the radii (columns).
+    eps_grid: the radii (columns). For ``norm="l0"`` without ``k``, the radii are the
+      numbers of changed coordinates k (integers >= 0; k = 0 is the point itself, so
+      its column is the clean accuracy), as the paper's l0 tables write them.
     methods: certifiers (rows), see :func:`certify`.
     pgd: optional keyword arguments of :func:`pgd_robust` (e.g. ``dict(steps=50,
       restarts=2)``): adds the PGD row, the accuracy under attack, an upper bound of
@@ -146,6 +148,26 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
   methods = [canonical_certifier(m) for m in methods]
   x, y = _check_xy(x, y)
   n = x.shape[0]
+  logits = np.asarray(apply_fn(params, jnp.asarray(x)))
+  correct = logits.argmax(-1) == np.asarray(y)
+  l0_grid = canonical_norm(norm) == "l0" and kw.get("k") is None
+  if l0_grid:
+    kw.pop("k", None)
+    if any(float(e) != int(e) or e < 0 for e in eps_grid):
+      raise ValueError(f"for norm 'l0' without k the grid holds the numbers of changed "
+                       f"coordinates k, integers >= 0; got {list(eps_grid)}.")
+    if pgd is not None:
+      raise ValueError("the PGD row supports norms linf and l2; got norm 'l0'.")
+
+  def certify_at(i, todo, m):
+    if not l0_grid:
+      return certify(apply_fn, params, x[todo], y[todo], eps_grid[i], norm, method=m,
+                     **kw)[0]
+    k = int(eps_grid[i])
+    if k == 0:  # the set is the point itself
+      return correct[todo]
+    return certify(apply_fn, params, x[todo], y[todo], None, norm, method=m, k=k, **kw)[0]
+
   order = np.argsort(np.asarray(eps_grid, np.float64), kind="stable")
   cert_at = {m: [None] * len(eps_grid) for m in methods}
   bar = tqdm(total=len(methods) * len(eps_grid), desc="certification", disable=not progress)
@@ -155,8 +177,7 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
       cert = np.zeros(n, bool)
       todo = np.flatnonzero(alive) if monotone else np.arange(n)
       if todo.size:
-        cert[todo], _ = certify(apply_fn, params, x[todo], y[todo], eps_grid[i], norm,
-                                method=m, **kw)
+        cert[todo] = certify_at(i, todo, m)
       cert_at[m][i] = cert
       alive = cert
       bar.update(1)
@@ -164,10 +185,8 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
   union = [np.any([cert_at[m][i] for m in methods], axis=0) for i in range(len(eps_grid))]
   rows = {m: [float(c.mean()) for c in cert_at[m]] for m in methods}
   rows["best"] = [float(u.mean()) for u in union]
-  logits = np.asarray(apply_fn(params, jnp.asarray(x)))
   table = {"eps": [float(e) for e in eps_grid], "rows": rows, "num_points": int(n),
-           "norm": canonical_norm(norm),
-           "clean": float((logits.argmax(-1) == np.asarray(y)).mean())}
+           "norm": canonical_norm(norm), "clean": float(correct.mean())}
   if pgd is not None:
     settings = dict(pgd)
     attack_certified = settings.pop("attack_certified", True)
