@@ -34,13 +34,15 @@ flags.DEFINE_string("norm", None, "linf, l2, l1 or l0; default: the training nor
 flags.DEFINE_integer("k", None, "Changed coordinates for norm l0.")
 flags.DEFINE_bool("domain_box", False, "Intersect the input set with the data box [0, 1].")
 flags.DEFINE_integer("batch_size", 50, "Points per compiled certification call.")
+flags.DEFINE_integer("num_devices", None, "Devices the points are split over (default: all "
+                     "that JAX sees; dm_jax.sharding).")
 flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR).")
 flags.DEFINE_string("output_dir", None, "Where to write the table (default: checkpoint dir).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 def run() -> None:
   import numpy as np
-  from dm_jax import data as data_lib, train as train_lib
+  from dm_jax import data as data_lib, sharding, train as train_lib
   from dm_jax.verify import certify
 
   if not FLAGS.checkpoint:
@@ -64,7 +66,8 @@ def run() -> None:
   t0 = time.time()
   table = certify.certified_accuracy_table(
       apply_fn, state.params, x, y, eps_grid, methods, norm, progress=FLAGS.progress,
-      batch_size=FLAGS.batch_size, k=FLAGS.k, domain=(0.0, 1.0) if FLAGS.domain_box else None)
+      batch_size=FLAGS.batch_size, k=FLAGS.k, domain=(0.0, 1.0) if FLAGS.domain_box else None,
+      mesh=sharding.data_mesh(FLAGS.num_devices))
   seconds = time.time() - t0
   print(f"{dataset_name} {config.arch} trained with {config.method} (eps_train "
         f"{config.eps_train:g}); {n} test points (seed {FLAGS.seed}); norm {norm}; "

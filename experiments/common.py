@@ -143,6 +143,14 @@ flags.DEFINE_bool("cert_domain", None, "Certify (final table and per-epoch IBP c
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
                   "Gowal et al. and Zhang et al.); off: the plain ball; default: the "
                   "dataset's.")
+flags.DEFINE_integer("num_devices", None, "Data-parallel devices for training and "
+                     "certification (default: all that JAX sees; the batch is split over "
+                     "them, dm_jax.sharding).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                    "(jax.distributed); every host runs the same command with its "
+                    "--process_id.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process (0 .. num_processes - 1).")
 flags.DEFINE_bool("dry_run", False, "Validate the flags, print the resolved training "
                   "configuration as JSON and exit (no data, no training).")
 flags.DEFINE_integer("ada_holdout", 1000, "kappa_mode=ada: last N training examples held "
@@ -248,6 +256,7 @@ def build_config(defaults: DatasetDefaults):
       schedule=setting("schedule", defaults),
       progress=FLAGS.progress,
       method_kwargs=method_kwargs, kappa_final=FLAGS.kappa_final,
+      num_devices=FLAGS.num_devices,
       kappa_mode=FLAGS.kappa_mode, ada_gamma=FLAGS.ada_gamma,
       ada_holdout=FLAGS.ada_holdout)
   try:
@@ -261,13 +270,13 @@ def build_config(defaults: DatasetDefaults):
 
 
 def certify_table(apply_fn, params, x, y, eps_grid, methods, norm, batch_size,
-                  eps_scale=1.0, progress=True, domain=None, pgd=None):
+                  eps_scale=1.0, progress=True, domain=None, pgd=None, mesh=None):
   """``dm_jax.verify.certify.certified_accuracy_table`` and its formatted table."""
   from dm_jax.verify import certify
   table = certify.certified_accuracy_table(apply_fn, params, x, y, eps_grid,
                                            methods=tuple(methods), norm=norm,
                                            batch_size=batch_size, progress=progress,
-                                           domain=domain, pgd=pgd)
+                                           domain=domain, pgd=pgd, mesh=mesh)
   label = "eps" if eps_scale == 1.0 else f"eps*{eps_scale:g}"
   return table, certify.format_table(table, eps_scale=eps_scale, eps_label=label)
 
@@ -307,13 +316,16 @@ def write_table(workdir: Path, table: Dict[str, Any], eps_grid, labels, info) ->
 
 def run(defaults: DatasetDefaults) -> None:
   """Trains and certifies per the flags. Raises ValueError / DatasetNotFoundError."""
+  import jax
   import numpy as np
   from dm_jax import data as data_lib
-  from dm_jax.train import methods
-  from dm_jax import provenance
+  from dm_jax import provenance, sharding
   from dm_jax import train as train_lib
-
+  from dm_jax.train import methods
   t_start = time.time()
+  # Before anything touches a device: a multi-host run joins its peers first.
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
   config = build_config(defaults)
   grid, grid_labels = eps_grid(defaults)
   cert_methods = (tuple(m.strip() for m in FLAGS.cert_methods.split(",") if m.strip())
@@ -352,9 +364,10 @@ def run(defaults: DatasetDefaults) -> None:
               attack_certified=FLAGS.pgd_attack_certified)
          if FLAGS.pgd_restarts and config.norm in ("linf", "l2") else None)
   t1 = time.time()
+  mesh = sharding.data_mesh(config.num_devices)
   table, text = certify_table(apply_fn, state.params, x, y, grid, cert_methods,
                               config.norm, FLAGS.cert_batch_size, defaults.eps_scale,
-                              FLAGS.progress, cert_domain, pgd)
+                              FLAGS.progress, cert_domain, pgd, mesh)
   cert_time = time.time() - t1
   lam = (config.lam_final if config.lam_final is not None else
          methods.default_lam_final(config.method, config.lam_form))
@@ -376,7 +389,8 @@ def run(defaults: DatasetDefaults) -> None:
           "step": int(state.step), "config": config.to_json(),
           "pgd": pgd, "command": command_line(defaults.dataset),
           "machine": provenance.machine_info()}
-  write_table(workdir, table, grid, grid_labels, info)
+  if jax.process_index() == 0:  # one host writes the table
+    write_table(workdir, table, grid, grid_labels, info)
   print(f"wrote {workdir / 'certified.json'} and {workdir / 'certified.csv'}", flush=True)
 
 

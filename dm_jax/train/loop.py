@@ -83,6 +83,7 @@ class TrainConfig:
   max_to_keep: int = 3
   grad_clip: float = 0.0                             # 0: no clipping
   ensemble: int = 1
+  num_devices: Optional[int] = None                  # data-parallel devices (None: all)
   num_classes: Optional[int] = None                  # None: from the dataset
   normalize: bool = False                            # per-channel (CIFAR) in apply_fn
   mean: Optional[Tuple[float, ...]] = None
@@ -120,6 +121,11 @@ class TrainConfig:
       raise ValueError(f"grad_clip must be >= 0; got {self.grad_clip!r}.")
     if self.ensemble < 1:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
+    if self.num_devices is not None and (isinstance(self.num_devices, bool) or
+                                         not isinstance(self.num_devices, int)
+                                         or self.num_devices < 1):
+      raise ValueError(f"num_devices must be a positive integer or None (all); got "
+                       f"{self.num_devices!r}.")
     if self.norm == "l0" and (isinstance(self.k, bool) or not isinstance(self.k, int)
                               or self.k <= 0):
       raise ValueError(f"norm 'l0' needs k, a positive integer number of changed "
@@ -254,12 +260,15 @@ def _tree_all_finite(tree):
 
 def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, tx,
                     sched: schedules.ResolvedSchedule, *, make_hyper=None,
-                    prune: Optional[bool] = None):
+                    prune: Optional[bool] = None, mesh=None):
   """The jit-compiled ``train_step(state, x, y, kappa=None) -> (state, metrics)``.
 
   ``loss_fn(params, apply_fn, x, y, hyper, key) -> (loss, metrics)`` is the method's
   loss. eps, lambda and kappa come from the schedules at ``state.step``; a ``kappa``
   argument (a float32 scalar, ``kappa_mode="ada"``) replaces the scheduled kappa.
+  With a ``mesh`` (:func:`dm_jax.sharding.data_mesh`), give it the state replicated and
+  the batch sharded (:mod:`dm_jax.sharding`): the step runs data-parallel under XLA's
+  SPMD partitioner and returns the state and metrics replicated.
   """
   eps_s, lam_s, kappa_s, lr_s = sched.eps(), sched.lam(), sched.kappa(), sched.learning_rate()
   make_hyper = make_hyper or _make_hyper
@@ -297,7 +306,10 @@ def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, 
     new_state = state.replace(step=step + 1, params=params, opt_state=opt_state, key=key)
     return new_state, metrics
 
-  return jax.jit(train_step)
+  if mesh is None:
+    return jax.jit(train_step)
+  from dm_jax import sharding
+  return jax.jit(train_step, out_shardings=sharding.replicated_sharding(mesh))
 
 
 def hyper_value(hyper, name, default):
@@ -433,8 +445,14 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
 
   model, apply_fn = build_model(config, num_classes)
   tx = make_optimizer(config, sched)
+  from dm_jax import sharding
+  mesh = sharding.data_mesh(config.num_devices)
+  sharding.check_divisible(config.batch_size, mesh)
+  is_main = jax.process_index() == 0  # one host writes the files; all checkpoint
   state = create_train_state(config, jax.random.PRNGKey(config.seed), dataset.input_shape,
                              model=model, tx=tx)
+  # Replicated before a restore, so orbax restores onto this run's devices (any count).
+  state = sharding.replicate(state, mesh)
   ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_to_keep)
   resumed_from = None
   # ada: the kappa of the current epoch (1 = clean loss only until the first measure).
@@ -452,11 +470,13 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
               "total_steps": total_steps, "schedule": dataclasses.asdict(sched),
               "prune_step": prune_step if do_prune else None,
               "resumed_from_step": resumed_from, "dataset_source": dataset.source,
-              "num_train": dataset.num_train}
-  (workdir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
+              "num_train": dataset.num_train, "devices": sharding.mesh_size(mesh),
+              "processes": jax.process_count()}
+  if is_main:
+    (workdir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
 
   train_step = make_train_step(config, apply_fn, method.loss, tx, sched,
-                               make_hyper=make_hyper, prune=do_prune)
+                               make_hyper=make_hyper, prune=do_prune, mesh=mesh)
   evaluator = Evaluator(config, apply_fn, dataset)
   holdout_losses = _holdout_losses_fn(apply_fn, method.loss, make_hyper) if ada else None
   if ada and resumed_from and resumed_from % steps_per_epoch == 0:
@@ -529,6 +549,7 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
           break
         if do_prune and step == prune_step and prune_step > 0:
           state = _prune(state, config.prune_threshold)
+        x, y = sharding.shard_batch((x, y), mesh)
         if ada:
           state, metrics = train_step(state, x, y, np.float32(kappa_now))
         else:
@@ -584,8 +605,9 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
       record["epoch_time_s"] = time.time() - t_epoch
       record["wall_time_s"] = time.time() - wall0
       history.append(record)
-      with metrics_path.open("a") as f:
-        f.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+      if is_main:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
       if config.progress:
         bar.write(f"epoch {record['epoch']}: loss {record['loss']:.4f} train_acc "
                   f"{record['train_acc']:.3f} test_acc {record['test_acc']:.3f} "
@@ -600,7 +622,8 @@ def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
 # Config fields that may change between a run and its resumption (they do not change
 # what is trained).
 _RESUME_MAY_DIFFER = frozenset({
-    "workdir", "progress", "log_every", "checkpoint_every_steps", "max_to_keep",
+    "workdir", "progress", "num_devices", "log_every", "checkpoint_every_steps",
+    "max_to_keep",
     "eval_cert_points", "eval_test_examples", "eval_batch_size", "eval_domain"})
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from dm_jax import sharding
 from dm_jax.bounds import linear
 from dm_jax.core.input_sets import canonical_norm, make_input_set
 from dm_jax.bounds.interval import interval_bounds
@@ -53,7 +54,7 @@ def _check_xy(x, y):
 def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown",
             k: Optional[int] = None, domain=None, batch_size: int = 256,
             chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES, progress: bool = False,
-            mip_time_limit: float = 60.0) -> Tuple[np.ndarray, np.ndarray]:
+            mip_time_limit: float = 60.0, mesh=None) -> Tuple[np.ndarray, np.ndarray]:
   """Certifies N points at radius ``eps`` (scalar or (N,) per point).
 
   Args:
@@ -62,6 +63,8 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     eps: scalar or (N,).
     method: ibp | crown_ibp | fastlin (relu) | crown (ada) | zero | mip.
     batch_size: points per compiled call (the last chunk is padded, so one compile).
+    mesh: optional :func:`dm_jax.sharding.data_mesh`: each chunk's points are split over
+      its devices (data parallel; the chunk is rounded up to a multiple of them).
 
   Returns:
     (certified (N,) bool, margin_lower (N,) float): the lower bound of
@@ -94,13 +97,21 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   # A power of two no larger than batch_size: subsets of any size (the table's
   # monotone pass) reuse a few compiled shapes; the last chunk is padded.
   batch_size = min(batch_size, 1 << (n - 1).bit_length())
+  devices = sharding.mesh_size(mesh)
+  batch_size = -(-batch_size // devices) * devices  # every device gets as many points
+  params = sharding.replicate(params, mesh)
   certified, lowers = [], []
   chunks = range(0, n, batch_size)
   for start in tqdm(chunks, desc=f"certify {method}", disable=not progress, leave=False):
     stop = min(start + batch_size, n)
     pad = batch_size - (stop - start)
     take = lambda a, m=jnp: m.concatenate([a[start:stop], m.repeat(a[stop - 1:stop], pad, 0)])
-    low, correct = fn(params, iset.take(take), jnp.asarray(take(y, np)))
+    if mesh is None:
+      low, correct = fn(params, iset.take(take), jnp.asarray(take(y, np)))
+    else:
+      chunk_set, chunk_y = sharding.shard_batch(
+          (iset.take(lambda a: take(np.asarray(a), np)), take(y, np)), mesh)
+      low, correct = sharding.to_host(fn(params, chunk_set, chunk_y))
     low, correct = np.asarray(low)[:stop - start], np.asarray(correct)[:stop - start]
     lowers.append(low)
     certified.append(correct & (low > 0))
