@@ -1,5 +1,6 @@
 """dm_jax.core.conv: the CPU-fast strided convolution transposes and gradients against
 jax.lax, and the models' use of them."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,17 +86,56 @@ def test_conv_general_dilated_drop_in(strides, padding, kw):
                                     call(jax.lax.conv_general_dilated), x, kernel)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fast conv is CPU-only")
+def test_fast_paths_switch_changes_the_path_not_the_values(monkeypatch):
+  """One switch (dm_jax.core.fast_paths) decides the models' conv, the forward domains'
+  conv gradient and the linear bounds' CPU blocks; either way the same numbers."""
+  from dm_jax import models
+  from dm_jax.bounds import double_margin, linear
+  from dm_jax.core import fast_paths
+  model = models.get_model("small_s2")
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
+  params = model.init(jax.random.PRNGKey(1), x)
+
+  def make_loss():  # a new function per path: jax caches traces by function
+    def loss(p):  # through the model and through Double Margin's forward domain
+      m = double_margin.double_margin(model.apply, p, x, 0.05)
+      return jnp.sum(model.apply(p, x) ** 2) + jnp.sum(m.s) + jnp.sum(m.v)
+    return loss
+
+  results = {}
+  for on in (True, False):
+    loss = make_loss()
+    with fast_paths.forced(on):
+      assert fast_paths.enabled() is on
+      assert ("custom_vjp_call" in str(jax.make_jaxpr(model.apply)(params, x))) is on
+      assert ("custom_vjp_call" in str(jax.make_jaxpr(loss)(params))) is on
+      assert linear.default_batch_block("crown") == (linear.CPU_BATCH_BLOCK["crown"]
+                                                     if on else 0)
+      results[on] = jax.value_and_grad(loss)(params)
+  chex.assert_trees_all_close(results[True], results[False], rtol=1e-4, atol=1e-4)
+  monkeypatch.setenv(fast_paths.ENV_VAR, "off")
+  assert not fast_paths.enabled()
+  with fast_paths.forced(True):
+    assert fast_paths.enabled()
+  monkeypatch.setenv(fast_paths.ENV_VAR, "sometimes")
+  with pytest.raises(ValueError, match="auto, on or off"):
+    fast_paths.enabled()
+  monkeypatch.setenv(fast_paths.ENV_VAR, "auto")
+  assert fast_paths.enabled() == (jax.default_backend() == "cpu")
+
+
 def test_models_use_the_fast_conv_with_unchanged_bounds():
   """dm_jax.models' strided convs trace to conv2d's custom_vjp; the bound interpreters
   see through it (IBP bounds equal those of a plain-lax copy of the model)."""
   import flax.linen as nn
   from dm_jax import models
   from dm_jax.bounds import interval
+  from dm_jax.core import fast_paths
   model = models.get_model("small_s2")
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
   params = model.init(jax.random.PRNGKey(1), x)
-  jaxpr = str(jax.make_jaxpr(model.apply)(params, x))
+  with fast_paths.forced(True):  # on every backend: the path is what is tested
+    jaxpr = str(jax.make_jaxpr(model.apply)(params, x))
   assert "custom_vjp_call" in jaxpr
   plain = models.ConvStack(((16, 4, 2, models.PAD1), (32, 4, 2, models.PAD1)), (100,))
   assert isinstance(plain, nn.Module)
@@ -103,6 +143,7 @@ def test_models_use_the_fast_conv_with_unchanged_bounds():
     mp.setattr(models.conv_lib, "conv_general_dilated", jax.lax.conv_general_dilated)
     assert "custom_vjp_call" not in str(jax.make_jaxpr(plain.apply)(params, x))
     ref = interval.interval_bounds(plain.apply, params, x, 0.1, domain=(0, 1))
-  got = interval.interval_bounds(model.apply, params, x, 0.1, domain=(0, 1))
+  with fast_paths.forced(True):
+    got = interval.interval_bounds(model.apply, params, x, 0.1, domain=(0, 1))
   np.testing.assert_allclose(got.lower, ref.lower, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.upper, ref.upper, rtol=1e-5, atol=1e-5)

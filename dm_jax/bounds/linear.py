@@ -42,7 +42,7 @@ from dm_jax.bounds.interval import Bounds
 from dm_jax.bounds.relaxations import DENSE
 from dm_jax.bounds.tape import (Entry, NodeRef, Tape, interval_of,  # noqa: F401
                                 node_shape, nominal_of, record_tape)
-from dm_jax.core import conv, primitives
+from dm_jax.core import conv, fast_paths, primitives
 from dm_jax.core.errors import UnsupportedPrimitiveError
 from dm_jax.core.input_sets import InputSet, make_input_set
 
@@ -520,9 +520,10 @@ CPU_BATCH_BLOCK = {"fastlin": 4, "crown": 4, "zero": 4, "crown_ibp": 32}
 
 
 def default_batch_block(method: str, intermediate: Optional[str] = None) -> int:
-  """Examples per block when ``batch_block=None``: 0 (no blocking) on GPU/TPU and for
-  ``ibp`` and projections; on CPU :data:`CPU_BATCH_BLOCK` by method."""
-  if jax.default_backend() != "cpu" or intermediate == "projections":
+  """Examples per block when ``batch_block=None``: 0 (no blocking) for ``ibp`` and
+  projections and where the CPU-tuned paths are off (GPU/TPU by default,
+  :mod:`dm_jax.core.fast_paths`); else :data:`CPU_BATCH_BLOCK` by method."""
+  if not fast_paths.enabled() or intermediate == "projections":
     return 0
   return CPU_BATCH_BLOCK.get(canonical_method(method), 0)
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dm_jax.core import fast_paths
+
 _DN = ("NHWC", "HWIO", "NHWC")
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs (HWIO), out
 
@@ -161,15 +163,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """``lax.conv_general_dilated`` with :func:`conv2d`'s input gradient where it applies.
 
-  Same signature and forward values. On CPU, a strided, undilated, ungrouped NHWC/HWIO
-  convolution at default precision goes through :func:`conv2d` (a ``custom_vjp``, which
-  the bound interpreters see through); anything else, and everything on GPU/TPU (whose
-  own strided-conv gradients are tuned, and where this one is unmeasured), is
-  ``lax.conv_general_dilated``.
+  Same signature and forward values. Where :func:`dm_jax.core.fast_paths.enabled` (on
+  CPU by default), a strided, undilated, ungrouped NHWC/HWIO convolution at default
+  precision goes through :func:`conv2d` (a ``custom_vjp``, which the bound interpreters
+  see through); anything else, and everything on GPU/TPU (whose own strided-conv
+  gradients are tuned, and where this one is unmeasured), is ``lax.conv_general_dilated``.
   Pass it as ``flax.linen.Conv(..., conv_general_dilated=conv_general_dilated)``.
   """
   plain = (
-      jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+      fast_paths.enabled() and lhs.ndim == 4 and rhs.ndim == 4
       and tuple(window_strides) != (1, 1) and dimension_numbers is not None
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN)

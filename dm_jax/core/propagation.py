@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax.core import conv, interpreter, primitives
+from dm_jax.core import conv, fast_paths, interpreter, primitives
 from dm_jax.core.errors import UnsupportedPrimitiveError
 from dm_jax.core.input_sets import TINY, InputSet, l0_moves, topk_sum
 
@@ -91,9 +91,11 @@ def _bind(eqn, *args):
 
 def _fast_conv(eqn):
   """For a strided NHWC convolution of an abstract lhs: ``(lhs, rhs) -> conv`` with the
-  faster input gradient of :func:`dm_jax.core.conv.conv2d`; else None."""
+  faster input gradient of :func:`dm_jax.core.conv.conv2d` where the fast paths are on
+  (:mod:`dm_jax.core.fast_paths`); else None."""
   p = eqn.params
-  if (eqn.primitive.name != "conv_general_dilated" or not conv.is_nhwc_conv(eqn)
+  if (not fast_paths.enabled() or eqn.primitive.name != "conv_general_dilated"
+      or not conv.is_nhwc_conv(eqn)
       or all(st == 1 for st in p["window_strides"])
       or p.get("preferred_element_type") is not None):
     return None
