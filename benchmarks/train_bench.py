@@ -83,11 +83,16 @@ def worker(spec: dict) -> dict:
     del eps, lam, kappa
     return methods.Hyper.create(eps=0.3, lam=0.5, kappa=0.5)
 
+  from dm_jax import sharding
+  mesh = sharding.data_mesh(spec.get("devices", 1))
+  sharding.check_divisible(spec["batch"], mesh)
   step = train.make_train_step(config, apply_fn, method.loss, tx, sched,
-                               make_hyper=make_hyper, prune=method.prune)
+                               make_hyper=make_hyper, prune=method.prune, mesh=mesh)
   kx, ky = jax.random.split(jax.random.PRNGKey(1))
   x = jax.random.uniform(kx, (spec["batch"], *input_shape), jnp.float32)
   y = jax.random.randint(ky, (spec["batch"],), 0, num_classes)
+  state = sharding.replicate(state, mesh)
+  x, y = sharding.shard_batch((x, y), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y).compile()
   compile_s = time.perf_counter() - t0
@@ -162,6 +167,12 @@ def main(argv=None):
                  help=f"timed steps for {', '.join(SLOW_METHODS)} (default: --steps)")
   p.add_argument("--timeout", type=float, default=600.0, help="per-method subprocess limit")
   p.add_argument("--write", action="store_true", help="append the run to docs/benchmarks.md")
+  p.add_argument("--num_devices", type=int, default=1,
+                 help="data-parallel devices of the step (dm_jax.sharding)")
+  p.add_argument("--force_cpu_devices", type=int, default=None,
+                 help="split the CPU into this many XLA devices (XLA_FLAGS "
+                 "--xla_force_host_platform_device_count) in the workers: on a 2-core "
+                 "machine this measures the sharding overhead, not a speed-up")
   p.add_argument("--json_out", default=None, help="also write the rows, the machine and "
                  "the load to this JSON file")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -169,13 +180,16 @@ def main(argv=None):
   if args._worker:
     print(json.dumps(worker(json.loads(args._worker))), flush=True)
     return
+  if args.force_cpu_devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                               f"platform_device_count={args.force_cpu_devices}").strip()
   start_load = os.getloadavg()
   rows = []
   for m in re.split(r",(?![^\[]*\])", args.methods):
     steps = args.slow_steps if (m in SLOW_METHODS and args.slow_steps) else args.steps
     r = run_worker("benchmarks.train_bench",
                    dict(arch=args.arch, batch=args.batch_size, method=m, steps=steps,
-                        dataset=args.dataset),
+                        dataset=args.dataset, devices=args.num_devices),
                    args.timeout)
     rows.append(r)
     print(m, r.get("error") or f"{r['median_ms']:.2f} ms/step, compile "
