@@ -44,17 +44,8 @@ INPUTS = {"mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10), "gtsrb": ((3
 def parse_method(entry: str):
   """``name`` or ``name[option=value;...]`` -> (name, get_method keyword options);
   ``bounded_pK`` is bounded with K random projections."""
-  from dm_jax.train.methods import parse_option_value
-  match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", entry.strip())
-  if match is None:
-    raise ValueError(f"bad method entry {entry!r}; expected name or name[option=value;...]")
-  name, options = match.group(1), match.group(2)
-  kwargs = {}
-  for item in filter(None, (options or "").split(";")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"bad option {item!r} in {entry!r}; expected option=value")
-    kwargs[key.strip()] = parse_option_value(value)
+  from dm_jax.train.methods import parse_method_entry
+  name, kwargs = parse_method_entry(entry)
   projections = re.fullmatch(r"bounded_p(\d+)", name)
   if projections:
     name, kwargs = "bounded", dict(kwargs, bounded_projections=int(projections.group(1)))
@@ -185,7 +176,8 @@ def main(argv=None):
                                f"platform_device_count={args.force_cpu_devices}").strip()
   start_load = os.getloadavg()
   rows = []
-  for m in re.split(r",(?![^\[]*\])", args.methods):
+  from dm_jax.train.methods import split_method_entries
+  for m in split_method_entries(args.methods):
     steps = args.slow_steps if (m in SLOW_METHODS and args.slow_steps) else args.steps
     r = run_worker("benchmarks.train_bench",
                    dict(arch=args.arch, batch=args.batch_size, method=m, steps=steps,

@@ -93,8 +93,8 @@ def define_flags() -> None:
   flags.DEFINE_string("eps", None, "Radius of the regularizers and the target (fractions "
                       "like 8/255 accepted); default: the checkpoint's eps_train.")
   flags.DEFINE_string("candidates", DEFAULT_CANDIDATES, "Comma-separated registered "
-                      "methods; options after slashes, e.g. 'dm/dm_loss=worst_case/"
-                      "lam_form=kappa'.")
+                      "methods, each with options in brackets, e.g. "
+                      "'dm[dm_loss=worst_case;lam_form=kappa],ibp'.")
   flags.DEFINE_integer("train_points", 1000, "Seeded random training points of L, H and the "
                        "candidates' gradients.")
   flags.DEFINE_integer("val_points", 10000, "Held-out points of the target.")
@@ -131,24 +131,20 @@ def define_flags() -> None:
 # ----------------------------------------------------------------------------- parsing
 
 def parse_candidates(text: str) -> List[Tuple[str, str, Dict[str, Any]]]:
-  """'dm,ibp/ibp_margin=true' -> [(label, method, options)]; ValueError when malformed."""
+  """'dm,ibp[ibp_margin=true]' -> [(label, method, options)] (the method syntax of
+  ``benchmarks.train_bench --methods``); ValueError when malformed."""
   from dm_jax.train import methods
   out, labels = [], set()
-  for entry in (e.strip() for e in text.split(",")):
-    if not entry:
-      continue
-    name, *opts = entry.split("/")
-    options = {}
-    for opt in opts:
-      key, sep, value = opt.partition("=")
-      if not sep or not key.strip():
-        raise ValueError(f"--candidates: option {opt!r} of {entry!r} must be key=value.")
-      options[key.strip()] = methods.parse_option_value(value)
-    methods.spec(name.strip())  # ValueError listing the registered methods
+  for entry in methods.split_method_entries(text):
+    try:
+      name, options = methods.parse_method_entry(entry)
+    except ValueError as e:
+      raise ValueError(f"--candidates: {e}") from None
+    methods.spec(name)  # ValueError listing the registered methods
     if entry in labels:
       raise ValueError(f"--candidates: {entry!r} is given twice.")
     labels.add(entry)
-    out.append((entry, name.strip(), options))
+    out.append((entry, name, options))
   if not out:
     raise ValueError("--candidates is empty.")
   return out

@@ -547,13 +547,13 @@ def test_select_ranks_the_target_method_itself_first(mlp_checkpoint):
 
 def test_parse_candidates():
   from experiments import select_regularizer as S
-  assert S.parse_candidates("dm/dm_loss=worst_case/lam_form=kappa, l1") == [
-      ("dm/dm_loss=worst_case/lam_form=kappa", "dm",
+  assert S.parse_candidates("dm[dm_loss=worst_case;lam_form=kappa], l1") == [
+      ("dm[dm_loss=worst_case;lam_form=kappa]", "dm",
        {"dm_loss": "worst_case", "lam_form": "kappa"}), ("l1", "l1", {})]
-  assert S.parse_candidates("ibp/ibp_margin=true")[0][2] == {"ibp_margin": True}
+  assert S.parse_candidates("ibp[ibp_margin=true]")[0][2] == {"ibp_margin": True}
   assert [c[1] for c in S.parse_candidates(S.DEFAULT_CANDIDATES)] == list(
       analysis.PAPER_REGULARIZERS)
-  for bad, needle in (("nosuch", "Unknown method"), ("dm/dm_loss", "key=value"),
+  for bad, needle in (("nosuch", "Unknown method"), ("dm[dm_loss]", "option=value"),
                       ("ibp,ibp", "twice"), (",", "empty")):
     with pytest.raises(ValueError, match=needle):
       S.parse_candidates(bad)

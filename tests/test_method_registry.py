@@ -191,3 +191,17 @@ def test_register_refuses_clashes(toy_method):
     M.register(M.MethodSpec("other", build=spec.build, describe=spec.describe,
                             options=("undeclared",)))
   assert "other" not in M.METHODS
+
+
+def test_method_entries_one_syntax():
+  """name[option=value;...]: the one text form of a method with options (train_bench's
+  --methods, select_regularizer's --candidates, the reproduction driver's estimates)."""
+  from dm_jax.train import methods
+  assert methods.split_method_entries("dm[lam_form=kappa;dm_loss=folded], ibp,") == [
+      "dm[lam_form=kappa;dm_loss=folded]", "ibp"]
+  assert methods.parse_method_entry("dm[lam_form=kappa;dm_domain=true;l1=2e-5]") == (
+      "dm", {"lam_form": "kappa", "dm_domain": True, "l1": 2e-5})
+  assert methods.parse_method_entry(" ibp ") == ("ibp", {})
+  for bad in ("dm[lam_form]", "dm[=1]", "dm]x["):
+    with pytest.raises(ValueError, match="bad"):
+      methods.parse_method_entry(bad)

@@ -39,7 +39,8 @@ from dm_jax.train.methods.base import (COMMON_OPTIONS, LAM_FORMS, SOLVER_OPTIONS
                                        cross_entropy, default_lam_final, get_method,
                                        interval_margins, kappa_form, kappa_form_summary,
                                        margin_certified, names, option_defaults,
-                                       parse_option_value, register, spec, unregister,
+                                       parse_method_entry, parse_option_value, register,
+                                       spec, split_method_entries, unregister,
                                        worst_case_logits)
 from dm_jax.train.methods.penalties import (apply_masks, l1_penalty, l2_penalty,  # noqa: F401
                                             no_masks, prune_small_weights)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -394,6 +395,33 @@ def parse_option_value(text: str) -> Any:
     except ValueError:
       pass
   return text.strip()
+
+
+def split_method_entries(text: str) -> List[str]:
+  """``"dm[lam_form=kappa;dm_loss=folded],ibp"`` -> its entries: commas inside brackets
+  do not split."""
+  return [e.strip() for e in re.split(r",(?![^\[]*\])", text) if e.strip()]
+
+
+def parse_method_entry(entry: str) -> Tuple[str, Dict[str, Any]]:
+  """A method with options as command lines write it, ``name`` or
+  ``name[option=value;...]`` (values by :func:`parse_option_value`) -> (name, options).
+
+  Raises:
+    ValueError: a malformed entry or option, naming it.
+  """
+  match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", entry.strip())
+  if match is None:
+    raise ValueError(f"bad method entry {entry!r}; expected name or "
+                     "name[option=value;...]")
+  name, text = match.group(1).strip(), match.group(2)
+  options: Dict[str, Any] = {}
+  for item in filter(None, (text or "").split(";")):
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"bad option {item!r} in {entry!r}; expected option=value")
+    options[key.strip()] = parse_option_value(value)
+  return name, options
 
 
 def _check_options(method: MethodSpec, options: Dict[str, Any]) -> None:
