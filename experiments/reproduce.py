@@ -60,7 +60,10 @@ flags.DEFINE_string("report", None, "The rendered report (default: docs/RESULTS.
 flags.DEFINE_bool("list", False, "Print every table's cells, their commands, whether done "
                   "and the estimated CPU time; run nothing.")
 flags.DEFINE_bool("measure", False, "With --list: measure the step time of every cell's "
-                  "method with benchmarks.train_bench (cached in WORKDIR/step_times.json).")
+                  "method with benchmarks.train_bench (kept in --step_times).")
+flags.DEFINE_string("step_times", "results/step_times.json", "The measured step times "
+                    "--list estimates from (ms per step per dataset/arch/method/batch, "
+                    "with the machine that measured them).")
 flags.DEFINE_bool("render", False, "Only render the report from the results there.")
 flags.DEFINE_bool("check", False, "Validate every cell's command of the selected tables "
                   "(each experiment script's own flag checks, without data or training) "
@@ -184,7 +187,7 @@ _TABLE2_MNIST_CELLS = (
                                               "--prune"), epochs=10,
          paper=("Adv+RS+Pruning",)),
     Cell("bounded", "Bounded (convex outer bounds, 50 projections)",
-         ("--method=bounded", "--projections=50"), epochs=2, paper=("Bounded",)),
+         ("--method=bounded", "--projections=50"), epochs=1, paper=("Bounded",)),
     Cell("mmr", "MMR", ("--method=mmr",), epochs=1, paper=("MMR (4 epochs)",)),
     Cell("dm", "Double Margin (our recipe)", _dm("dm", domain=False),
          paper=("Double Margin",)),
@@ -223,7 +226,7 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
                  _mnist_common(e) + IBP_RECIPE),
             Cell(f"crown_ibp_eps{e}", f"CROWN-IBP, eps_train {e}",
                  _mnist_common(e) + ("--method=crown_ibp", "--schedule=proportional"),
-                 epochs=20))),
+                 epochs=10))),
         paper=(("Table 5", "Small CNN MNIST"),),
         notes="The paper's only eps_train 0.2 row is Table 5's single Double Margin model."),
     Table(
@@ -256,9 +259,10 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
          "--pgd_restarts=0"), 100, (),
         tuple(Cell(f"dm_{norm}", f"Double Margin {norm} (eps {eps})",
                    (f"--norm={norm}", f"--eps={eps}") + _dm("dm", domain=False)
-                   + (f"--eps_grid={NORM_RADII[norm]}",),
+                   + (f"--eps_grid={NORM_RADII[norm]}",), epochs=epochs,
                    paper=(f"Double Margin {norm}",))
-              for norm, eps in (("linf", "0.3"), ("l2", "1"), ("l1", "4"), ("l0", "2")))
+              for norm, eps, epochs in (("linf", "0.3", None), ("l2", "1", None),
+                                        ("l1", "4", 50), ("l0", "2", 20)))
         + tuple(Cell(f"dm_{src}_in_{norm}", f"Double Margin {src} certified in {norm}",
                      (f"--norm={norm}", f"--eps_grid={NORM_RADII[norm]}",
                       "--methods=fastlin,ibp", "--num_points=200", "--noprogress"),
@@ -268,10 +272,12 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
         notes="The paper's radii: l_inf 0.3, l2 1, l1 4 and l0 2 pixels for training. For "
               "l0 the radius is the number of changed pixels k, each to any value in "
               "[0, 1], and the set has its full k from the first step (the ramp moves "
-              "kappa only). CIFAR-10's half of Tables 4 and 7 is not run."),
+              "kappa only). l1 runs 50 epochs and l0 20 (their steps are 3.6x and 8x "
+              "the l_inf one's: the l1 and top-k concretisations). CIFAR-10's half of "
+              "Tables 4 and 7 is not run."),
     Table(
         "ensemble", "Table 5: a 3-model Double Margin ensemble against its members "
-        "(MNIST, eps_train 0.2)", "mnist", _mnist_common("0.2"), 100,
+        "(MNIST, eps_train 0.2)", "mnist", _mnist_common("0.2"), 50,
         tuple(MNIST_RADII.split(",")),
         (Cell("ensemble", "Double Margin Ensemble (3 members)",
               _dm("dm", "--ensemble=3", domain=False), paper=("Double Margin Ensemble",)),) +
@@ -279,8 +285,9 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
                    _dm("dm", f"--seed={s}", "--cert_seed=0", domain=False),
                    paper=("Double Margin",)) for s in (0, 1, 2)),
         paper=(("Table 5", "Small CNN MNIST"),),
-        notes="The members are trained alone with seeds 0, 1, 2 and certified on the "
-              "same 1000 points (--cert_seed=0); the paper averages its members' rows."),
+        notes="50 epochs each (the paper: 100). The members are trained alone with seeds "
+              "0, 1, 2 and certified on the same 1000 points (--cert_seed=0); the paper "
+              "averages its members' rows."),
     Table(
         "certifiers", "Tables 13-16: every Table 2 network certified by each certifier",
         "mnist", (), 100, tuple(MNIST_RADII.split(",")),
@@ -394,7 +401,7 @@ def bench_entry(table: Table, cell: Cell) -> str:
   argv = [*table.common, *cell.flags]
   method = _flag_value(argv, "method") or "dm_ibp_v"
   options = {}
-  for name in ("dm_loss", "lam_form", "l1", "projections"):
+  for name in ("dm_loss", "lam_form", "l1", "projections", "norm"):
     value = _flag_value(argv, name)
     if value is not None:
       options["bounded_projections" if name == "projections" else name] = value
@@ -405,6 +412,10 @@ def bench_entry(table: Table, cell: Cell) -> str:
     options["lam_form"] = "paper"
   if not method.startswith("dm"):
     options.pop("lam_form", None)  # a kappa-form option of the DM losses only
+  if options.get("norm") == "linf":
+    options.pop("norm")
+  if options.get("norm") == "l0":
+    options["k"] = _flag_value(argv, "eps")
   if not options:
     return method
   return method + "[" + ";".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
@@ -451,7 +462,7 @@ def measure_step_ms(keys: Sequence[Tuple[str, str, str, int]], cache: Path
 
 def list_tables(names: Sequence[str]) -> str:
   """Every cell: done or to do, its estimated CPU time, its command."""
-  cache = Path(FLAGS.workdir) / "step_times.json"
+  cache = Path(FLAGS.step_times)
   keys = []
   for name in names:
     t = TABLES[name]
@@ -478,7 +489,9 @@ def list_tables(names: Sequence[str]) -> str:
         key = (f"{t.script}/{_arch(t, c)}/{bench_entry(t, c)}/"
                f"{int(_flag_value(argv, 'batch_size') or (100 if t.script == 'mnist' else 50))}")
         if key in known:
-          hours = known[key] * cell_steps(t, c) / 3.6e6
+          # An ensemble's step is its members' steps (train_bench times one model).
+          members = int(_flag_value(argv, "ensemble") or 1)
+          hours = members * known[key] * cell_steps(t, c) / 3.6e6
           total += 0.0 if done else hours
           est = f"{hours:5.2f} h"
         est = f"{est:>7} {c.epochs or t.epochs:>3} ep"

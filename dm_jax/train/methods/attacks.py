@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from dm_jax.core import fast_paths
 from dm_jax.core.input_sets import TINY as _TINY  # sqrt(x + _TINY): finite grads at 0
 from dm_jax.core.input_sets import canonical_norm
 
@@ -68,8 +69,9 @@ def _attack_objective(logits, labels, loss):
   raise ValueError(f"Unknown attack loss {loss!r}; expected 'ce' or 'margin'.")
 
 
-def _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain, unroll=False):
-  """``steps`` of projected (sign / normalised) gradient ascent of sum(objective)."""
+def _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain, unroll=None):
+  """``steps`` of projected (sign / normalised) gradient ascent of sum(objective);
+  ``unroll=None``: unrolled where the CPU-tuned paths are on (:mod:`dm_jax.core.fast_paths`)."""
   grad_fn = jax.grad(lambda xa: jnp.sum(objective(xa)))
 
   def body(_, xa):
@@ -81,11 +83,13 @@ def _pgd_steps(objective, x, x0, eps, steps, step_size, norm, domain, unroll=Fal
       xa = xa + step_size * g / n
     return _project(xa, x, eps, norm, domain)
 
+  if unroll is None:
+    unroll = fast_paths.enabled()
   if unroll:
     # XLA:CPU runs convolution gradients inside a while loop ~10x slower than in
     # straight-line code (small CNN, batch 200: 520 vs 45 ms per step); unrolled, the
-    # compile time grows with ``steps`` (~0.3 s per step there), so callers unroll
-    # short chunks (certify.pgd_robust) rather than whole training attacks.
+    # compile time grows with ``steps`` (~0.3 s per step there): seconds once per
+    # training run, against a step several times faster for the whole run.
     xa = x0
     for i in range(steps):
       xa = body(i, xa)
@@ -105,7 +109,7 @@ def pgd_attack(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps, key:
                steps: int = 40, step_size: float = 0.01, norm: str = "linf",
                domain: Optional[Tuple[float, float]] = (0.0, 1.0), restarts: int = 1,
                loss: str = "ce", random_start: bool = True, x_init=None,
-               unroll: bool = False) -> jax.Array:
+               unroll: Optional[bool] = None) -> jax.Array:
   """Projected gradient descent (Madry et al. 2018) on the l-inf or l2 ball.
 
   Each restart starts from a uniform random point of the ball (``random_start``; else
@@ -124,7 +128,8 @@ def pgd_attack(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps, key:
     x_init: optional (B, ...) start point (projected onto the ball and the domain),
       replacing the random start: continues an attack in chunks of ``steps``.
     unroll: run the steps as straight-line code instead of a ``fori_loop`` (10x faster
-      for conv nets on CPU; compile time grows with ``steps``).
+      for conv nets on CPU; compile time grows with ``steps``); None: where the
+      CPU-tuned paths are on (:func:`dm_jax.core.fast_paths.enabled`).
 
   Returns:
     (B, ...) adversarial inputs inside the ball and the domain.
