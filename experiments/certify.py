@@ -24,7 +24,9 @@ flags.DEFINE_string("checkpoint", None, "A training workdir (holding checkpoints
                     "checkpoints/ directory.")
 flags.DEFINE_string("dataset", None, "Dataset; default: the one the checkpoint was trained on.")
 flags.DEFINE_string("methods", "relu,ada,zero,ibp", "Certifiers: relu (fastlin), ada "
-                    "(crown), zero, ibp, crown_ibp, mip.")
+                    "(crown), zero, ibp, crown_ibp, mip, and relu_intersect, ada_intersect "
+                    "(intermediate bounds intersected with IBP's; the best row counts "
+                    "them anyway).")
 flags.DEFINE_string("eps_grid", None, "Comma-separated eps values (fractions like 8/255 "
                     "accepted), increasing; default: the dataset's curve grid "
                     "(experiments/grids.py).")

@@ -1,12 +1,14 @@
 """Certification tests of ``dm_jax.verify.certify`` on a quickly trained MNIST model.
 
-1. Attack: for every certifier (ibp, crown_ibp, fastlin, crown, zero) and threat model
+1. Attack: for every certifier (ibp, crown_ibp, fastlin, crown, zero, and the
+   IBP-intersected fastlin_intersect, crown_intersect, zero_intersect) and threat model
    (linf, linf with the [0, 1] data box, l2, l1), each test point is certified at the
    largest radius of a grid at which it is certified (per-point eps), then attacked there
    by PGD (margin loss, >= 60 steps, several restarts, the best iterate kept). The attack
    never goes below the certified lower bound of the margin, so it never finds an
    adversarial example for a certified point.
-2. API: padding of the last batch, per-point eps, the table's "best" row = union,
+2. API: padding of the last batch, per-point eps, the table's "best" row = union (of
+   the rows and the intersected versions of the linear ones), certifier names,
    ``format_table`` labels, ``certified_radius`` consistency, ``relu_stability`` counts,
    MIP certificates contain every sound certificate, and argument errors.
 """
@@ -29,6 +31,7 @@ from dm_jax.bounds import linear
 from dm_jax.core.errors import UnsupportedPrimitiveError
 
 METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
+INTERSECTED = ("fastlin_intersect", "crown_intersect", "zero_intersect")
 N_TEST = 48
 
 
@@ -187,7 +190,7 @@ EPS_GRID = {
 
 
 @pytest.mark.parametrize("set_name", list(EPS_GRID))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + INTERSECTED)
 def test_pgd_never_beats_certificate(trained, method, set_name):
   apply_fn, params, x, y = trained
   norm = "linf" if set_name == "linf_box" else set_name
@@ -273,10 +276,12 @@ def test_table_best_is_union_and_format(trained):
   apply_fn, params, x, y = trained
   grid = (0.0, 0.01, 0.03)
   table = C.certified_accuracy_table(apply_fn, params, x, y, grid, methods=METHODS,
-                                     norm="linf", progress=False, batch_size=x.shape[0])
+                                     norm="linf", progress=False, batch_size=x.shape[0],
+                                     best_intersect=False)
   assert table["eps"] == list(grid)
   assert set(table["rows"]) == set(METHODS) | {"best"}
   assert table["num_points"] == x.shape[0]
+  assert table["best_of"] == list(METHODS)
   for i, e in enumerate(grid):
     union = np.zeros(x.shape[0], bool)
     for m in METHODS:
@@ -294,9 +299,44 @@ def test_table_best_is_union_and_format(trained):
                 "best (union)"):
     assert label in text, label
   assert len(text.splitlines()) >= len(METHODS) + 3
+  assert "best also counts" not in text
   acc = C.certified_accuracy(apply_fn, params, x, y, grid, "linf", method="crown",
                              batch_size=x.shape[0])
   np.testing.assert_allclose(acc, table["rows"]["crown"])
+
+
+def test_table_best_counts_intersected(trained):
+  """By default "best" is the union of the rows and of the intersected versions of the
+  textbook fastlin/crown rows, whose own numbers stay the textbook ones."""
+  apply_fn, params, x, y = trained
+  grid = (0.01, 0.03)
+  n = x.shape[0]
+  table = C.certified_accuracy_table(apply_fn, params, x, y, grid, methods=("ibp", "relu"),
+                                     norm="linf", progress=False, batch_size=n)
+  assert table["best_of"] == ["ibp", "fastlin", "fastlin_intersect"]
+  assert set(table["rows"]) == {"ibp", "fastlin", "best"}
+  for i, e in enumerate(grid):
+    cert = {m: C.certify(apply_fn, params, x, y, e, "linf", method=m, batch_size=n)[0]
+            for m in table["best_of"]}
+    assert table["rows"]["fastlin"][i] == pytest.approx(cert["fastlin"].mean())
+    union = cert["ibp"] | cert["fastlin"] | cert["fastlin_intersect"]
+    assert table["rows"]["best"][i] == pytest.approx(union.mean())
+  assert "best also counts CNN-Cert-ReLU ∩ IBP" in C.format_table(table)
+
+
+def test_certifier_names():
+  for name, canonical in (("crown_intersect", "crown_intersect"), ("ADA+ibp", "crown_intersect"),
+                          ("relu-intersect", "fastlin_intersect"),
+                          ("cnn-cert-zero_intersect", "zero_intersect"), ("ada", "crown"),
+                          ("mip", "mip")):
+    assert C.canonical_certifier(name) == canonical, name
+  assert C.linear_options("crown_intersect") == ("crown", True)
+  assert C.linear_options("fastlin") == ("fastlin", False)
+  assert set(C.INTERSECTED) <= set(C.CERTIFY_METHODS)
+  for bad in ("ibp_intersect", "crown_ibp+ibp", "mip_intersect", "nope_intersect"):
+    with pytest.raises(ValueError):
+      C.canonical_certifier(bad)
+  assert C.label("crown_intersect") == "CNN-Cert-Ada ∩ IBP"
 
 
 def test_certified_radius_consistent(trained):
@@ -326,7 +366,7 @@ def test_relu_stability_counts(trained):
   n = x.shape[0]
   prev = None
   for eps in (0.0, 0.01, 0.05):
-    for method in ("ibp", "crown_ibp", "fastlin", "crown", "zero"):
+    for method in ("ibp", "crown_ibp", "fastlin", "crown", "zero", "crown_intersect"):
       s = C.relu_stability(apply_fn, params, jnp.asarray(x), eps, "linf", method=method)
       np.testing.assert_array_equal(s["total"], [64 * n, 64 * n])
       np.testing.assert_array_equal(s["active"] + s["inactive"] + s["unstable"], s["total"])

@@ -13,6 +13,11 @@
    gaps are collected and printed by ``test_zz_gap_summary`` (run with ``-s``).
 3. jit / grad: ``margin_lower_bounds`` is the same under jit; its gradient w.r.t. the
    parameters is finite (training uses it).
+4. ``intersect_ibp``: on nets where IBP's intervals beat the linear ones at some neurons
+   (a diagonal first layer, a 1x1 first conv: the dense and the windowed paths), the
+   intersected bounds hold at sampled points of the ball and of ball ∩ box (jit and
+   eager), of the margins and of every ReLU input; they are never looser than IBP's,
+   strictly tighter than the textbook ones somewhere, and below the exact MIP minimum.
 
 Models are evaluated with Flax directly; points are drawn with numpy.
 """
@@ -37,6 +42,15 @@ from dm_jax.verify import mip
 
 METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
 LINEAR_METHODS = ("fastlin", "crown", "zero")
+# The IBP-intersected versions (certify's names), compared with the MIP too.
+INTERSECTED = tuple(m + "_intersect" for m in LINEAR_METHODS)
+
+
+def margin_bounds(apply_fn, params, x, y, eps, norm, certifier, **kw):
+  """``linear.margin_lower_bounds`` for a method or an intersected version's name."""
+  method, intersect = certify_lib.linear_options(certifier)
+  return linear.margin_lower_bounds(apply_fn, params, x, y, eps, norm, method=method,
+                                    intersect_ibp=intersect, **kw)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -348,10 +362,9 @@ def _compare_with_mip(model, params, x, y, eps, norm, domain=None, label=""):
   assert np.all(att >= exact - 1e-5 * (1 + np.abs(exact)))
   np.testing.assert_allclose(att, exact, atol=1e-4, rtol=1e-4)
   bounds = {}
-  for method in METHODS:
-    lb = np.asarray(linear.margin_lower_bounds(apply_fn, params, jnp.asarray(x),
-                                               jnp.asarray(y), eps, norm, method=method,
-                                               domain=domain), np.float64)
+  for method in METHODS + INTERSECTED:
+    lb = np.asarray(margin_bounds(apply_fn, params, jnp.asarray(x), jnp.asarray(y), eps,
+                                  norm, method, domain=domain), np.float64)
     assert np.all(lb[~off] == 0.0), f"{method}: margin at j == y must be 0"
     lb = lb[off]
     viol = lb - exact
@@ -364,6 +377,8 @@ def _compare_with_mip(model, params, x, y, eps, norm, domain=None, label=""):
   worse = bounds["ibp"] - bounds["zero"]
   assert np.all(worse <= 1e-5 * (1 + np.abs(bounds["zero"]))), (
       f"{label}: IBP tighter than CNN-Cert-Zero by {worse.max():.3g}")
+  for m in INTERSECTED:  # never looser than IBP (the output rows are intersected too)
+    assert np.all(bounds[m] >= bounds["ibp"] - 1e-5 * (1 + np.abs(bounds["ibp"]))), m
   d = bounds["fastlin"] - bounds["crown"]
   FASTLIN_VS_CROWN["fastlin"] += int(np.sum(d > 1e-6))
   FASTLIN_VS_CROWN["crown"] += int(np.sum(d < -1e-6))
@@ -437,7 +452,7 @@ def test_zz_gap_summary():
   lines = ["", "gap to the exact MIP minimum of the margin lower bounds:",
            f"{'method':>10} {'n':>5} {'mean gap':>10} {'median':>9} {'tight(<=1e-4)':>14}"]
   summary = {}
-  for m in METHODS:
+  for m in METHODS + INTERSECTED:
     g = np.array(GAPS[m])
     tight = float(np.mean(g <= 1e-4))
     summary[m] = (float(g.mean()), tight)
@@ -605,3 +620,186 @@ def test_mc_soundness_relu_with_nonzero_constant(method):
   pre = np.asarray(x) @ np.asarray(params["w1"])
   radius = eps * np.abs(np.asarray(params["w1"])).sum(0)
   assert np.any((pre - radius < 0.3) & (pre + radius > 0.3))
+
+
+# ------------------------------------------- 4. intersection with IBP's intervals
+# On random nets of the usual layers the linear bounds are tighter than IBP's at every
+# neuron and the intersection changes nothing. IBP wins where the layer before a ReLU
+# layer maps the set onto (nearly) independent coordinates: after a diagonal first layer
+# the second pre-activations' interval is exact, after a 1x1 conv nearly so.
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _diag_mlp(p, x, taps=None):
+  """x (B, 8) * scale + shift, relu, dense 12, relu, dense 12, relu, dense 3."""
+  h = x.reshape((x.shape[0], -1)) * p["scale"] + p["shift"]
+  for i in range(2):
+    taps is not None and taps.append(h)
+    h = jax.nn.relu(h) @ p[f"w{i}"] + p[f"b{i}"]
+  taps is not None and taps.append(h)
+  return jax.nn.relu(h) @ p["w2"] + p["b2"]
+
+
+def _pixel_conv(p, x, taps=None):
+  """conv 2 1x1, relu, conv 6 3x3/2 SAME, relu, dense 12, relu, dense 3 (NHWC)."""
+  h = jax.lax.conv_general_dilated(x, p["k0"], (1, 1), "SAME", dimension_numbers=_DN)
+  h = h + p["c0"]
+  taps is not None and taps.append(h)
+  h = jax.lax.conv_general_dilated(jax.nn.relu(h), p["k1"], (2, 2), "SAME",
+                                   dimension_numbers=_DN) + p["c1"]
+  taps is not None and taps.append(h)
+  h = jax.nn.relu(h).reshape((x.shape[0], -1)) @ p["w0"] + p["b0"]
+  taps is not None and taps.append(h)
+  return jax.nn.relu(h) @ p["w1"] + p["b1"]
+
+
+def _intersect_params(name, seed):
+  rng = np.random.default_rng(seed)
+  n = lambda *shape, scale=1.0: jnp.asarray(
+      rng.normal(0.0, scale / np.sqrt(np.prod(shape[:-1])), shape), jnp.float32)
+  b = lambda k: jnp.asarray(rng.normal(0.0, 0.3, (k,)), jnp.float32)
+  if name == "diag_mlp":
+    return {"scale": jnp.asarray(rng.normal(size=8), jnp.float32), "shift": b(8),
+            "w0": n(8, 12), "b0": b(12), "w1": n(12, 12), "b1": b(12), "w2": n(12, 3),
+            "b2": b(3)}
+  return {"k0": n(1, 1, 1, 2), "c0": b(2), "k1": n(3, 3, 2, 6), "c1": b(6),
+          "w0": n(54, 12), "b0": b(12), "w1": n(12, 3), "b1": b(3)}
+
+
+# name: (model, input shape, eps of the checks)
+INTERSECT_MODELS = {"diag_mlp": (_diag_mlp, (8,), 0.4), "pixel_conv": (_pixel_conv, (6, 6, 1), 0.2)}
+
+
+class IntersectTest(chex.TestCase):
+  """``intersect_ibp=True``: sound, never looser than IBP, strictly tighter than the
+  textbook method somewhere (so the test fails if the option does nothing)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("diag_mlp", "linf_box"), ("pixel_conv", "linf_box"),
+                            ("diag_mlp", "linf"), ("pixel_conv", "linf"))
+  def test_sound_never_looser_than_ibp_and_tighter(self, name, set_name):
+    fn, shape, eps = INTERSECT_MODELS[name]
+    params = _intersect_params(name, seed=1)
+    domain = (0.0, 1.0) if set_name == "linf_box" else None
+    B = 4
+    x = nominal_inputs(shape, B, seed=2)
+    num_classes = 3
+    y = np.asarray(fn(params, jnp.asarray(x))).argmax(-1)
+    rng = np.random.default_rng(3)
+    spec = np.concatenate([rng.normal(size=(B, 3, num_classes)),
+                           np.asarray(linear.margin_spec(jnp.asarray(y), num_classes))],
+                          axis=1).astype(np.float32)
+
+    def bounds(method, intersect, use_patches=True):
+      run = lambda x_, e_: linear.linear_bounds(
+          fn, params, x_, e_, "linf", spec=jnp.asarray(spec), method=method,
+          domain=domain, intersect_ibp=intersect, use_patches=use_patches)
+      b = self.variant(run)(jnp.asarray(x), jnp.float32(eps))
+      return np.asarray(b.lower, np.float64), np.asarray(b.upper, np.float64)
+
+    pts = sample_points(x, eps, "linf", 400, domain=domain, seed=11)
+    pts = np.concatenate(
+        [pts, directed_points(fn, params, x, spec, eps, "linf", domain, None)], axis=1)
+    f = np.asarray(jax.jit(fn)(params, jnp.asarray(pts.reshape((-1,) + shape), jnp.float32)))
+    vals = np.einsum("bnk,brk->bnr", f.reshape(B, pts.shape[1], -1).astype(np.float64),
+                     spec.astype(np.float64))
+    vmin, vmax = vals.min(axis=1), vals.max(axis=1)
+    tol = 1e-4 * (1.0 + np.abs(vals).max())
+    ibp_lo, ibp_up = bounds("ibp", False)
+    gains = {}
+    for m in LINEAR_METHODS:
+      lo, up = bounds(m, True)
+      plain_lo, plain_up = bounds(m, False)
+      assert np.all(lo <= vmin + tol) and np.all(up >= vmax - tol), (
+          f"{m} intersected: unsound by {max((lo - vmin).max(), (vmax - up).max()):.3g}")
+      assert np.all(lo >= ibp_lo - 1e-5 * (1 + np.abs(ibp_lo))), m
+      assert np.all(up <= ibp_up + 1e-5 * (1 + np.abs(ibp_up))), m
+      gains[m] = max((lo - plain_lo).max(), (plain_up - up).max())
+      if name == "pixel_conv" and m == "crown":  # the windowed and dense paths agree
+        lo_d, up_d = bounds(m, True, use_patches=False)
+        np.testing.assert_allclose(lo_d, lo, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(up_d, up, rtol=1e-4, atol=1e-4)
+    # The option does something for fastlin and crown. Zero's bounds are never looser
+    # than IBP's (Appendix K), at every layer, so for zero it changes nothing.
+    assert gains["fastlin"] > 1e-3 and gains["crown"] > 1e-3, gains
+    assert gains["zero"] <= 1e-5, gains
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("pixel_conv", "linf"), ("diag_mlp", "linf_box"))
+  def test_relu_inputs_sound_and_inside_ibp(self, name, set_name):
+    """Every ReLU input's intersected bounds hold at sampled points, lie inside IBP's
+    interval and inside the textbook bounds at the first layer computed by backward
+    passes (both start from the same exact first layer); fewer unstable ReLUs."""
+    fn, shape, eps = INTERSECT_MODELS[name]
+    params = _intersect_params(name, seed=1)
+    domain = (0.0, 1.0) if set_name == "linf_box" else None
+    x = nominal_inputs(shape, 4, seed=2)
+    pts = sample_points(x, eps, "linf", 600, domain=domain, seed=5)
+
+    def taps(xs):
+      out = []
+      fn(params, xs, out)
+      return out
+
+    sampled = jax.jit(taps)(jnp.asarray(pts.reshape((-1,) + shape), jnp.float32))
+    sampled = [np.asarray(t).reshape((4, pts.shape[1]) + t.shape[1:]) for t in sampled]
+    ibp = dm_jax.interval_bounds(fn, params, jnp.asarray(x), eps, domain=domain,
+                                 return_relu_inputs=True)[1]
+    for m in ("fastlin", "crown"):
+      run = lambda x_, e_, i: linear.relu_input_bounds(fn, params, x_, e_, method=m,
+                                                       domain=domain, intersect_ibp=i)
+      got = self.variant(functools.partial(run, i=True))(jnp.asarray(x), jnp.float32(eps))
+      plain = self.variant(functools.partial(run, i=False))(jnp.asarray(x), jnp.float32(eps))
+      assert len(got) == len(sampled) == len(ibp) == 3
+      unstable = lambda bs: sum(int(np.sum((np.asarray(l) < 0) & (np.asarray(u) > 0)))
+                                for l, u in bs)
+      for layer, ((l, u), t, b, (pl, pu)) in enumerate(zip(got, sampled, ibp, plain)):
+        l, u = np.asarray(l, np.float64), np.asarray(u, np.float64)
+        helpers.assert_within(l, u, t.min(axis=1), t.max(axis=1), f"{m} relu {layer}",
+                              rtol=1e-4)
+        assert np.all(l >= np.asarray(b.lower) - 1e-6), (m, layer)
+        assert np.all(u <= np.asarray(b.upper) + 1e-6), (m, layer)
+        if layer == 1:
+          assert np.all(l >= np.asarray(pl) - 1e-5) and np.all(u <= np.asarray(pu) + 1e-5)
+      assert unstable(got) < unstable(plain), m
+
+  def test_bad_options(self):
+    fn, shape, eps = INTERSECT_MODELS["diag_mlp"]
+    params = _intersect_params("diag_mlp", 0)
+    x = jnp.asarray(nominal_inputs(shape, 2, 0))
+    with pytest.raises(ValueError, match="intersect_ibp"):
+      linear.linear_bounds(fn, params, x, eps, method="fastlin", intersect_ibp="yes")
+    with pytest.raises(ValueError, match="projections"):
+      linear.linear_bounds(fn, params, x, eps, method="fastlin", intermediate="projections",
+                           key=jax.random.PRNGKey(0), intersect_ibp=True)
+    # ibp and crown_ibp have IBP's intermediates already: the option changes nothing.
+    for m in ("ibp", "crown_ibp"):
+      a = linear.linear_bounds(fn, params, x, eps, method=m)
+      b = linear.linear_bounds(fn, params, x, eps, method=m, intersect_ibp=True)
+      chex.assert_trees_all_close(a, b)
+
+
+@pytest.mark.parametrize("eps", [0.3, 0.15])
+def test_intersected_vs_mip(eps):
+  """On a tiny diagonal-first-layer MLP where the intersection tightens the bounds, the
+  intersected margins stay below the exact MIP minimum (and the textbook ones too)."""
+  fn, shape, _ = INTERSECT_MODELS["diag_mlp"]
+  params = _intersect_params("diag_mlp", seed=1)
+  x = nominal_inputs(shape, 4, seed=2)
+  y = np.asarray(fn(params, jnp.asarray(x))).argmax(-1)
+  res = mip.exact_margins(fn, params, jnp.asarray(x), y, eps, "linf", time_limit=30.0)
+  off = ~np.eye(3, dtype=bool)[y]
+  assert np.all(res.status[off] == "optimal"), res.status
+  exact = res.min_margin[off]
+  gain = 0.0
+  for m in LINEAR_METHODS:
+    lb = np.asarray(margin_bounds(fn, params, jnp.asarray(x), jnp.asarray(y), eps, "linf",
+                                  m + "_intersect"), np.float64)[off]
+    plain = np.asarray(margin_bounds(fn, params, jnp.asarray(x), jnp.asarray(y), eps,
+                                     "linf", m), np.float64)[off]
+    assert np.all(lb <= exact + MIP_TOL * (1 + np.abs(exact))), (
+        f"{m}_intersect above the exact minimum by {(lb - exact).max():.3g}")
+    gain = max(gain, (lb - plain).max())
+  assert gain > 1e-3, "the intersection changed no margin: the test is vacuous"
+  assert res.num_binaries.max() > 0

@@ -24,6 +24,15 @@ Intermediate pre-activation bounds are computed layer by layer with the same met
 from the interval pass (``intermediate="ibp"``, i.e. CROWN-IBP). ``method="ibp"`` stops
 the backward pass at the last nonlinearities and uses their intervals there: IBP with the
 specification folded into the last affine layer (Gowal et al.'s tighter form).
+
+``intersect_ibp=True`` (fastlin/crown/zero) intersects every bound the linear method
+computes with IBP's bound of the same quantity over the same set: each intermediate
+pre-activation ``(l, u)`` becomes ``(max(l, l_ibp), min(u, u_ibp))`` with the interval of
+the tape (so later layers relax their ReLUs on the tighter bounds and more neurons are
+stable), and the output rows take the larger of the two lower bounds (the folded IBP
+one, :func:`folded_lower_bounds`). Both are sound, so the result is sound and never
+looser than IBP; as auto_LiRPA does. The default (False) is the textbook method, whose
+numbers compare with CNN-Cert and the paper.
 """
 from __future__ import annotations
 
@@ -298,10 +307,29 @@ def _identity_bounds(tape, node, bounds, method, chunk_bytes):
   return lo.reshape(value.shape), up.reshape(value.shape)
 
 
+def intersect(a: Tuple, b: Tuple) -> Tuple:
+  """The intersection ``(max(l_a, l_b), min(u_a, u_b))`` of two sound bounds of the same
+  value (element-wise, same shapes): sound, and never looser than either."""
+  return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+
 def intermediate_bounds(tape: Tape, method: str, intermediate: str,
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                        use_patches: bool = True) -> Dict[int, Tuple]:
-  """Bounds of every nonlinearity input: {node: (lower, upper)}."""
+                        use_patches: bool = True,
+                        intersect_ibp: bool = False) -> Dict[int, Tuple]:
+  """Bounds of every nonlinearity input: {node: (lower, upper)}, each (B, *shape).
+
+  Args:
+    tape: the recorded model (interval domain).
+    method: fastlin | crown | zero, the relaxation of the layer-by-layer passes.
+    intermediate: "linear" (layer by layer, each node's bounds by backward passes over
+      the bounds of the nodes before it; the nodes the interval pass bounds exactly are
+      taken from it) or "ibp" (the tape's intervals).
+    chunk_bytes, use_patches: see :func:`linear_bounds`.
+    intersect_ibp: intersect each linear bound with the tape's interval of the same node
+      (:func:`intersect`) before the later layers use it. False: textbook CNN-Cert, the
+      linear bounds as they are (see WORKSPACE.md).
+  """
   bounds: Dict[int, Tuple] = {}
   exact = _exact_forward_nodes(tape) if intermediate == "linear" else set()
   for e in tape.entries:
@@ -312,12 +340,12 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
       continue
     if intermediate == "ibp" or node in exact:
       bounds[node] = interval_of(tape, node)
-    elif use_patches and patches.supported(tape, node):
-      bounds[node] = patches.identity_bounds(tape, node, bounds, method, chunk_bytes)
+      continue
+    if use_patches and patches.supported(tape, node):
+      lu = patches.identity_bounds(tape, node, bounds, method, chunk_bytes)
     else:
-      # Textbook CNN-Cert: the linear bounds are used as they are, not intersected with
-      # the interval ones (see WORKSPACE.md).
-      bounds[node] = _identity_bounds(tape, node, bounds, method, chunk_bytes)
+      lu = _identity_bounds(tape, node, bounds, method, chunk_bytes)
+    bounds[node] = intersect(lu, interval_of(tape, node)) if intersect_ibp else lu
   return bounds
 
 
@@ -447,7 +475,7 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
                   upper: bool = True, num_projections: int = 50,
                   key: Optional[jax.Array] = None,
-                  batch_block: Optional[int] = None) -> Bounds:
+                  batch_block: Optional[int] = None, intersect_ibp: bool = False) -> Bounds:
   """Sound bounds of ``spec @ f(x')`` over the input set.
 
   Args:
@@ -473,6 +501,11 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
       which bounds the working set. Each example's bounds do not depend on the others,
       so the bounds are the same (up to float rounding). ``None`` picks
       :func:`default_batch_block`; 0 turns blocking off.
+    intersect_ibp: fastlin/crown/zero with ``intermediate="linear"``: intersect every
+      intermediate bound with IBP's interval of the same node and take the larger of
+      the output bound and IBP's folded one (sound, never looser than IBP; see the
+      module docstring). A no-op for ibp and crown_ibp (their intermediates are IBP's).
+      False (default): the textbook method.
 
   Returns:
     Bounds with (B, R) lower and upper.
@@ -481,7 +514,7 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                             spec=spec, method=method, intermediate=intermediate,
                             chunk_bytes=chunk_bytes, use_patches=use_patches, upper=upper,
                             num_projections=num_projections, key=key,
-                            batch_block=batch_block)
+                            batch_block=batch_block, intersect_ibp=intersect_ibp)
 
 
 def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
@@ -490,7 +523,8 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
                        upper: bool = True, num_projections: int = 50,
                        key: Optional[jax.Array] = None,
-                       batch_block: Optional[int] = None) -> Bounds:
+                       batch_block: Optional[int] = None,
+                       intersect_ibp: bool = False) -> Bounds:
   """:func:`linear_bounds` over a built (validated) input set: (B, R) bounds."""
   method = canonical_method(method)
   batch = iset.x.shape[0]
@@ -499,8 +533,14 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
   if not isinstance(batch_block, (int, np.integer)) or batch_block < 0:
     raise ValueError(f"batch_block must be a non-negative integer or None; got "
                      f"{batch_block!r}.")
+  if not isinstance(intersect_ibp, (bool, np.bool_)):
+    raise ValueError(f"intersect_ibp must be True or False; got {intersect_ibp!r}.")
+  if intersect_ibp and intermediate == "projections":
+    raise ValueError("intersect_ibp applies to exact intermediate bounds "
+                     "(intermediate='linear'); projections are estimates for training.")
   kwargs = dict(method=method, intermediate=intermediate, chunk_bytes=chunk_bytes,
-                use_patches=use_patches, upper=upper, num_projections=num_projections)
+                use_patches=use_patches, upper=upper, num_projections=num_projections,
+                intersect_ibp=bool(intersect_ibp))
   if not batch_block or batch <= batch_block:
     return _linear_bounds(apply_fn, params, iset, spec, key=key, **kwargs)
 
@@ -561,7 +601,8 @@ def _blocked(fn, iset: InputSet, spec, block: int) -> Bounds:
 
 
 def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermediate,
-                   chunk_bytes, use_patches, upper, num_projections, key) -> Bounds:
+                   chunk_bytes, use_patches, upper, num_projections, key,
+                   intersect_ibp) -> Bounds:
   """:func:`linear_bounds` on one block's input set (arguments validated there)."""
   tape = record_tape(apply_fn, params, iset)
   out_lo, _ = interval_of(tape, tape.output)
@@ -592,11 +633,15 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
                          "to fastlin, crown and zero.")
       bounds = projected_intermediate_bounds(tape, num_projections, key)
     elif intermediate in ("linear", "ibp"):
-      bounds = intermediate_bounds(tape, relax, intermediate, chunk_bytes, use_patches)
+      bounds = intermediate_bounds(tape, relax, intermediate, chunk_bytes, use_patches,
+                                   intersect_ibp=intersect_ibp)
     else:
       raise ValueError("intermediate must be 'linear', 'ibp' or 'projections'; got "
                        f"{intermediate!r}.")
     low = backward(tape, tape.output, A, bounds, relax)
+    if intersect_ibp and intermediate == "linear":
+      # The output rows too: IBP's (folded) bound of the same rows, over the same tape.
+      low = jnp.maximum(low, folded_lower_bounds(tape, A))
   if not upper:
     return Bounds(low, jnp.full_like(low, jnp.inf))
   return Bounds(low[:, :R], -low[:, R:])
@@ -608,7 +653,8 @@ def margin_lower_bounds(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Ar
                         domain: Optional[Tuple[float, float]] = None,
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_projections: int = 50,
                         key: Optional[jax.Array] = None,
-                        batch_block: Optional[int] = None) -> jax.Array:
+                        batch_block: Optional[int] = None,
+                        intersect_ibp: bool = False) -> jax.Array:
   """Lower bounds of ``f_y(x') - f_j(x')`` over the set: (B, K), 0 at j == y.
 
   Arguments as :func:`linear_bounds`.
@@ -616,7 +662,7 @@ def margin_lower_bounds(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Ar
   return margin_lower_bounds_over(
       apply_fn, params, make_input_set(x, eps, norm, k, domain), y, method=method,
       intermediate=intermediate, chunk_bytes=chunk_bytes, num_projections=num_projections,
-      key=key, batch_block=batch_block)
+      key=key, batch_block=batch_block, intersect_ibp=intersect_ibp)
 
 
 def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
@@ -624,7 +670,8 @@ def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
                              intermediate: Optional[str] = None,
                              chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                              num_projections: int = 50, key: Optional[jax.Array] = None,
-                             batch_block: Optional[int] = None) -> jax.Array:
+                             batch_block: Optional[int] = None,
+                             intersect_ibp: bool = False) -> jax.Array:
   """:func:`margin_lower_bounds` over a built (validated) input set: (B, K)."""
   y = jnp.asarray(y)
   x = iset.x
@@ -638,7 +685,8 @@ def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
   spec = eye[y][:, None, :] - eye[others]
   b = linear_bounds_over(apply_fn, params, iset, spec=spec, method=method,
                          intermediate=intermediate, chunk_bytes=chunk_bytes, upper=False,
-                         num_projections=num_projections, key=key, batch_block=batch_block)
+                         num_projections=num_projections, key=key, batch_block=batch_block,
+                         intersect_ibp=intersect_ibp)
   rows = jnp.arange(x.shape[0])[:, None]
   return jnp.zeros((x.shape[0], num_classes), b.lower.dtype).at[rows, others].set(b.lower)
 
@@ -653,16 +701,17 @@ def worst_margin(lb: jax.Array, y: jax.Array) -> jax.Array:
 def relu_input_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                       norm: Any = "linf", *, method: str = "crown",
                       k: Optional[int] = None, domain: Optional[Tuple[float, float]] = None,
-                      chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                      chunk_bytes: int = DEFAULT_CHUNK_BYTES, intersect_ibp: bool = False
                       ) -> List[Tuple[jax.Array, jax.Array]]:
   """Bounds (lower, upper) of every ReLU input, in execution order, with ``method``'s
-  intermediate bounds (layer by layer; ``ibp``/``crown_ibp`` give interval bounds)."""
+  intermediate bounds (layer by layer; ``ibp``/``crown_ibp`` give interval bounds), each
+  intersected with IBP's interval with ``intersect_ibp``."""
   method = canonical_method(method)
   iset = make_input_set(x, eps, norm, k, domain)
   tape = record_tape(apply_fn, params, iset)
   relax = "crown" if method in ("crown_ibp", "ibp") else method
   inter = "ibp" if method in ("crown_ibp", "ibp") else "linear"
-  bounds = intermediate_bounds(tape, relax, inter, chunk_bytes)
+  bounds = intermediate_bounds(tape, relax, inter, chunk_bytes, intersect_ibp=intersect_ibp)
   nodes = [e.node for e in tape.entries
            if e.kind == primitives.TAPE_RELU and relaxations.is_zero(e.relu_const)]
   return [bounds[n] for n in nodes]

@@ -3,9 +3,16 @@ ReLU stability counts.
 
 A point is certified at eps when it is classified correctly and a sound lower bound of
 ``f_y - f_j`` over the input set is > 0 for every ``j != y`` (SPEC.md, Certification).
-Methods: ``ibp`` (last layer folded), ``crown_ibp``, ``fastlin`` (CNN-Cert-ReLU),
-``crown`` (CNN-Cert-Ada), ``zero`` (CNN-Cert-Zero), and ``mip`` (exact, small nets only).
-The "best" row of a table certifies a point if any sound method does.
+Methods (:data:`CERTIFY_METHODS`): ``ibp`` (last layer folded), ``crown_ibp``,
+``fastlin`` (CNN-Cert-ReLU), ``crown`` (CNN-Cert-Ada), ``zero`` (CNN-Cert-Zero), their
+IBP-intersected versions ``fastlin_intersect``, ``crown_intersect``, ``zero_intersect``
+(every intermediate bound intersected with IBP's, ``linear.linear_bounds(...,
+intersect_ibp=True)``; also written ``<method>+ibp``) and ``mip`` (exact, small nets
+only).
+
+The "best" row of a table certifies a point if any sound certificate does: the union of
+the rows, and of the intersected versions of the textbook linear rows (sound, so the
+union stays sound; they are computed only on the points no row certified).
 """
 from __future__ import annotations
 
@@ -22,20 +29,62 @@ from dm_jax.bounds import linear
 from dm_jax.core.input_sets import canonical_norm, make_input_set
 from dm_jax.bounds.interval import interval_bounds
 
-CERTIFY_METHODS = linear.METHODS + ("mip",)
+# The linear certifiers with layer-by-layer intermediate bounds, which the intersection
+# with IBP's intervals applies to, and the name suffix of their intersected versions.
+LINEAR_CERTIFIERS = ("fastlin", "crown", "zero")
+INTERSECT_SUFFIX = "_intersect"
+_INTERSECT_SUFFIXES = (INTERSECT_SUFFIX, "-intersect", "+ibp")
+INTERSECTED = tuple(m + INTERSECT_SUFFIX for m in LINEAR_CERTIFIERS)
+CERTIFY_METHODS = linear.METHODS + INTERSECTED + ("mip",)
 
 
 def canonical_certifier(method: str) -> str:
-  if str(method).strip().lower() == "mip":
-    return "mip"
-  return linear.canonical_method(method)
+  """The canonical name of a certifier (:data:`CERTIFY_METHODS`): the bound methods'
+  aliases (``relu``, ``ada``, ``cnn-cert-zero``, ...), each linear one with the suffix
+  ``_intersect`` (or ``-intersect``, ``+ibp``) for its IBP-intersected version, and
+  ``mip``. Unknown names raise ValueError."""
+  key = str(method).strip().lower()
+  if key == "mip":
+    return key
+  for suffix in _INTERSECT_SUFFIXES:
+    if key.endswith(suffix):
+      base = linear.canonical_method(key[:-len(suffix)])
+      if base not in LINEAR_CERTIFIERS:
+        raise ValueError(f"{method!r}: the intersection with IBP applies to "
+                         f"{', '.join(LINEAR_CERTIFIERS)} (layer-by-layer intermediate "
+                         f"bounds); {base} has none to intersect.")
+      return base + INTERSECT_SUFFIX
+  return linear.canonical_method(key)
+
+
+def linear_options(certifier: str) -> Tuple[str, bool]:
+  """``(bound method, intersect_ibp)`` of a linear certifier's canonical name (e.g.
+  ``crown_intersect`` -> ``("crown", True)``)."""
+  if certifier.endswith(INTERSECT_SUFFIX):
+    return certifier[:-len(INTERSECT_SUFFIX)], True
+  return certifier, False
+
+
+def intersected(certifier: str) -> Optional[str]:
+  """The IBP-intersected version of a textbook linear certifier (``crown`` ->
+  ``crown_intersect``); None for the others."""
+  return certifier + INTERSECT_SUFFIX if certifier in LINEAR_CERTIFIERS else None
+
+
+# The textbook rows whose intersected versions the "best" row adds. Not zero: Zero's
+# bounds are never looser than IBP's at any layer (Appendix K; tests/test_linear.py
+# checks the intersection changes nothing there), so zero_intersect equals zero.
+_BEST_INTERSECTED = ("fastlin", "crown")
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_margin_fn(apply_fn, method, chunk_bytes):
+def _compiled_margin_fn(apply_fn, certifier, chunk_bytes):
+  method, intersect_ibp = linear_options(certifier)
+
   def fn(params, iset, y):
     lb = linear.margin_lower_bounds_over(apply_fn, params, iset, y, method=method,
-                                         chunk_bytes=chunk_bytes)
+                                         chunk_bytes=chunk_bytes,
+                                         intersect_ibp=intersect_ibp)
     correct = jnp.argmax(apply_fn(params, iset.x), axis=-1) == y
     return linear.worst_margin(lb, y), correct
   return jax.jit(fn)
@@ -61,8 +110,10 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     apply_fn, params: the model.
     x: (N, ...) inputs; y: (N,) labels.
     eps: scalar or (N,).
-    method: ibp | crown_ibp | fastlin (relu) | crown (ada) | zero | mip.
+    method: ibp | crown_ibp | fastlin (relu) | crown (ada) | zero, a linear one's
+      IBP-intersected version (``crown_intersect``, ...), or mip.
     batch_size: points per compiled call (the last chunk is padded, so one compile).
+    mip_time_limit: seconds per MILP (one per point and class) of ``mip``.
     mesh: optional :func:`dm_jax.sharding.data_mesh`: each chunk's points are split over
       its devices (data parallel; the chunk is rounded up to a multiple of them).
 
@@ -128,7 +179,8 @@ def certified_accuracy(apply_fn, params, x, y, eps_grid: Sequence[float], norm="
 def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
                              methods: Sequence[str] = ("fastlin", "ibp"), norm="linf", *,
                              progress: bool = True, pgd: Optional[Dict] = None,
-                             monotone: bool = True, **kw) -> Dict:
+                             monotone: bool = True, best_intersect: bool = True,
+                             **kw) -> Dict:
   """Paper-style table: certified accuracy per certifier and eps, plus the "best" row.
 
   Args:
@@ -136,7 +188,14 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
     eps_grid: the radii (columns). For ``norm="l0"`` without ``k``, the radii are the
       numbers of changed coordinates k (integers >= 0; k = 0 is the point itself, so
       its column is the clean accuracy), as the paper's l0 tables write them.
-    methods: certifiers (rows), see :func:`certify`.
+    methods: certifiers (rows), see :func:`certify`. The textbook rows (fastlin, crown,
+      zero) keep their plain numbers (those of CNN-Cert and the paper).
+    best_intersect: the "best" row also counts the IBP-intersected versions of the
+      textbook fastlin and crown rows (``crown`` -> ``crown_intersect``; zero's would
+      equal zero), run only on the points no row certified. They are sound, so "best"
+      stays the union of sound certificates; the intersected bound is never looser than
+      IBP's, and usually (not always: tighter intermediate bounds change the relaxations'
+      slopes) tighter than the plain one, which stays in the union too.
     pgd: optional keyword arguments of :func:`pgd_robust` (e.g. ``dict(steps=50,
       restarts=2)``): adds the PGD row, the accuracy under attack, an upper bound of
       what any sound certifier can reach. With ``attack_certified=True`` (the default)
@@ -152,9 +211,10 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
 
   Returns:
     dict with ``eps`` (list), ``rows`` {method: [accuracy per eps]} including "best"
-    (a point counts if any method certifies it), ``num_points``, ``norm``, ``clean``
-    (plain accuracy), and with ``pgd``: ``pgd`` [accuracy under attack per eps],
-    ``certified_but_attacked`` [count per eps] and ``pgd_settings``.
+    (a point counts if any sound certificate holds), ``best_of`` (the certifiers the
+    union took: the rows and the added intersected versions), ``num_points``, ``norm``,
+    ``clean`` (plain accuracy), and with ``pgd``: ``pgd`` [accuracy under attack per
+    eps], ``certified_but_attacked`` [count per eps] and ``pgd_settings``.
   """
   methods = [canonical_certifier(m) for m in methods]
   x, y = _check_xy(x, y)
@@ -180,24 +240,38 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
     return certify(apply_fn, params, x[todo], y[todo], None, norm, method=m, k=k, **kw)[0]
 
   order = np.argsort(np.asarray(eps_grid, np.float64), kind="stable")
+  extra = [intersected(m) for m in methods if best_intersect and m in _BEST_INTERSECTED
+           and intersected(m) not in methods]
   cert_at = {m: [None] * len(eps_grid) for m in methods}
-  bar = tqdm(total=len(methods) * len(eps_grid), desc="certification", disable=not progress)
+  bar = tqdm(total=(len(methods) + len(extra)) * len(eps_grid), desc="certification",
+             disable=not progress)
+
+  def run(m, i, todo):
+    cert = np.zeros(n, bool)
+    if todo.size:
+      cert[todo] = certify_at(i, todo, m)
+    bar.update(1)
+    return cert
+
   for m in methods:
     alive = np.ones(n, bool)
     for i in order:
-      cert = np.zeros(n, bool)
-      todo = np.flatnonzero(alive) if monotone else np.arange(n)
-      if todo.size:
-        cert[todo] = certify_at(i, todo, m)
-      cert_at[m][i] = cert
-      alive = cert
-      bar.update(1)
-  bar.close()
+      cert_at[m][i] = alive = run(m, i, np.flatnonzero(alive) if monotone else np.arange(n))
   union = [np.any([cert_at[m][i] for m in methods], axis=0) for i in range(len(eps_grid))]
+  for m in extra:  # only where no row certified (and, monotone, not lost at a smaller eps)
+    lost = np.zeros(n, bool)
+    for i in order:
+      todo = ~union[i] & ~lost
+      cert = run(m, i, np.flatnonzero(todo))
+      if monotone:
+        lost |= todo & ~cert
+      union[i] = union[i] | cert
+  bar.close()
   rows = {m: [float(c.mean()) for c in cert_at[m]] for m in methods}
   rows["best"] = [float(u.mean()) for u in union]
-  table = {"eps": [float(e) for e in eps_grid], "rows": rows, "num_points": int(n),
-           "norm": canonical_norm(norm), "clean": float(correct.mean())}
+  table = {"eps": [float(e) for e in eps_grid], "rows": rows, "best_of": methods + extra,
+           "num_points": int(n), "norm": canonical_norm(norm),
+           "clean": float(correct.mean())}
   if pgd is not None:
     settings = dict(pgd)
     attack_certified = settings.pop("attack_certified", True)
@@ -271,6 +345,12 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
 _LABELS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "fastlin": "CNN-Cert-ReLU",
            "crown": "CNN-Cert-Ada", "zero": "CNN-Cert-Zero", "mip": "MIP (exact)",
            "best": "best (union)"}
+_LABELS.update({intersected(m): _LABELS[m] + " ∩ IBP" for m in LINEAR_CERTIFIERS})
+
+
+def label(certifier: str) -> str:
+  """The display name of a row (``crown`` -> ``CNN-Cert-Ada``)."""
+  return _LABELS.get(certifier, certifier)
 
 
 def format_table(table: Dict, eps_scale: float = 1.0, eps_label: str = "eps") -> str:
@@ -279,7 +359,7 @@ def format_table(table: Dict, eps_scale: float = 1.0, eps_label: str = "eps") ->
   head = [f"{eps_label}:"] + [f"{e:g}" for e in eps]
   lines = [head]
   for m, accs in table["rows"].items():
-    lines.append([_LABELS.get(m, m)] + [f"{100 * a:.1f}%" for a in accs])
+    lines.append([label(m)] + [f"{100 * a:.1f}%" for a in accs])
   if "pgd" in table:
     lines.append(["PGD (upper bound)"] + [f"{100 * a:.1f}%" for a in table["pgd"]])
   widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
@@ -290,6 +370,9 @@ def format_table(table: Dict, eps_scale: float = 1.0, eps_label: str = "eps") ->
     out.insert(len(out) - 1, "-" * len(out[0]))
   tail = f"\n({table['num_points']} points, norm {table['norm']}, " \
       f"clean accuracy {100 * table['clean']:.1f}%"
+  added = [m for m in table.get("best_of", ()) if m not in table["rows"]]
+  if added:
+    tail += "; best also counts " + ", ".join(label(m) for m in added)
   if "pgd" in table:
     s = table["pgd_settings"]
     tail += (f"; PGD: {s.get('steps', 50)} steps, {s.get('restarts', 2)} restarts, margin "
@@ -319,7 +402,7 @@ def plot_table(table: Dict, path: str, title: str = "", eps_scale: float = 1.0,
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   eps = np.array(table["eps"]) * eps_scale
   for m, accs in table["rows"].items():
-    ax.plot(eps, 100 * np.array(accs), marker="o", label=_LABELS.get(m, m),
+    ax.plot(eps, 100 * np.array(accs), marker="o", label=label(m),
             linestyle="--" if m == "best" else "-")
   if "pgd" in table:
     ax.plot(eps, 100 * np.array(table["pgd"]), marker="x", color="k", linestyle=":",
@@ -364,16 +447,19 @@ def relu_stability(apply_fn, params, x, eps, norm="linf", *, method="ibp", k=Non
   Returns:
     dict of arrays of shape (num_relu_layers,), summed over the batch: ``active``,
     ``inactive``, ``unstable``, ``total``. ``method`` chooses the pre-activation bounds:
-    ibp, or fastlin/crown/zero (layer-by-layer linear bounds).
+    ibp, fastlin/crown/zero (layer-by-layer linear bounds) or their intersected
+    versions (``crown_intersect``, ...: each intersected with IBP's interval).
   """
-  method = linear.canonical_method(method)
+  method, intersect_ibp = linear_options(canonical_certifier(method))
+  if method == "mip":
+    raise ValueError("relu_stability needs bounds of a bound method, not 'mip'.")
   if method == "ibp":
     _, relus = interval_bounds(apply_fn, params, x, eps, norm, k=k, domain=domain,
                                return_relu_inputs=True)
     pairs = [(b.lower, b.upper) for b in relus]
   else:
     pairs = linear.relu_input_bounds(apply_fn, params, x, eps, norm, method=method, k=k,
-                                     domain=domain)
+                                     domain=domain, intersect_ibp=intersect_ibp)
   active = np.array([int(jnp.sum(l >= 0)) for l, _ in pairs])
   inactive = np.array([int(jnp.sum(u <= 0)) for l, u in pairs])
   total = np.array([int(np.prod(l.shape)) for l, _ in pairs])
