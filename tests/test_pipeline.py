@@ -107,7 +107,8 @@ class _TinyMLP(nn.Module):
     return nn.Dense(3)(x)
 
 
-@pytest.mark.parametrize("norm,eps_list", [("linf", (0.3, 0.6)), ("l1", (0.3, 1.0))])
+@pytest.mark.parametrize("norm,eps_list", [("linf", (0.6,)), ("l1", (0.3, 1.0)),
+                                           ("linf", (0.3,))])
 def test_tiny_net_with_mip_decides_every_point(norm, eps_list):
   """The MIP is complete: no point stays unknown, and the pipeline agrees with it."""
   model = _TinyMLP()
