@@ -6,6 +6,13 @@ r"""Certify a trained checkpoint: the paper-style certified-accuracy table.
 
 Rows are certifiers, columns eps, cells certified accuracy on the same seeded random test
 points for every method (as the paper does), plus the "best" row (certified by any).
+``--methods=pipeline`` (alone or with others) adds the verification pipeline
+(``dm_jax.verify.pipeline``): its certified row, and below the best row its falsified and
+unknown shares, with the time per stage in the footer:
+
+  python -m experiments.certify --checkpoint=runs/ibp --methods=ibp,pipeline \
+      --pipeline_stages=ibp,crown_ibp,crown_intersect,pgd,mip --mip_time_limit=10
+
 Writes ``certify_<norm>.json``, ``.csv`` and ``.png`` (certified accuracy vs eps) to
 ``--output_dir`` (default: the checkpoint's directory).
 """
@@ -24,9 +31,16 @@ flags.DEFINE_string("checkpoint", None, "A training workdir (holding checkpoints
                     "checkpoints/ directory.")
 flags.DEFINE_string("dataset", None, "Dataset; default: the one the checkpoint was trained on.")
 flags.DEFINE_string("methods", "relu,ada,zero,ibp", "Certifiers: relu (fastlin), ada "
-                    "(crown), zero, ibp, crown_ibp, mip, and relu_intersect, ada_intersect "
+                    "(crown), zero, ibp, crown_ibp, mip, relu_intersect, ada_intersect "
                     "(intermediate bounds intersected with IBP's; the best row counts "
-                    "them anyway).")
+                    "them anyway), and pipeline (certified / falsified / unknown).")
+flags.DEFINE_string("pipeline_stages", None, "Stages of --methods=pipeline, in order "
+                    "(certifier names, pgd, mip); default ibp,crown_ibp,crown_intersect,pgd "
+                    "(no pgd for l1/l0). Add mip (last) for small nets.")
+flags.DEFINE_integer("pipeline_pgd_steps", 50, "PGD steps of the pipeline's attack.")
+flags.DEFINE_integer("pipeline_pgd_restarts", 2, "PGD restarts of the pipeline's attack.")
+flags.DEFINE_float("mip_time_limit", 60.0, "Seconds per MILP (one per point and class) of "
+                   "the mip certifier and the pipeline's mip stage.")
 flags.DEFINE_string("eps_grid", None, "Comma-separated eps values (fractions like 8/255 "
                     "accepted), increasing; default: the dataset's curve grid "
                     "(experiments/grids.py).")
@@ -59,6 +73,12 @@ def run() -> None:
   for m in methods:
     certify.canonical_certifier(m)
   norm = FLAGS.norm or config.norm
+  pipeline = None
+  if "pipeline" in [certify.canonical_certifier(m) for m in methods]:
+    from dm_jax.verify import pipeline as pipeline_lib
+    pipeline = dict(stages=pipeline_lib.check_stages(FLAGS.pipeline_stages, norm),
+                    pgd=dict(steps=FLAGS.pipeline_pgd_steps,
+                             restarts=FLAGS.pipeline_pgd_restarts))
   ds = data_lib.load_dataset(dataset_name, FLAGS.data_dir)
   n = ds.num_test if FLAGS.num_points <= 0 else min(FLAGS.num_points, ds.num_test)
   idx = np.sort(np.random.default_rng(FLAGS.seed).choice(ds.num_test, n, replace=False))
@@ -69,6 +89,7 @@ def run() -> None:
   table = certify.certified_accuracy_table(
       apply_fn, state.params, x, y, eps_grid, methods, norm, progress=FLAGS.progress,
       batch_size=FLAGS.batch_size, k=FLAGS.k, domain=(0.0, 1.0) if FLAGS.domain_box else None,
+      pipeline=pipeline, mip_time_limit=FLAGS.mip_time_limit,
       mesh=sharding.data_mesh(FLAGS.num_devices))
   seconds = time.time() - t0
   print(f"{dataset_name} {config.arch} trained with {config.method} (eps_train "

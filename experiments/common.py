@@ -308,6 +308,8 @@ def write_table(workdir: Path, table: Dict[str, Any], eps_grid, labels, info) ->
     w.writerow(["certifier"] + list(labels))
     for name, vals in table["rows"].items():
       w.writerow([name] + [f"{float(v):.4f}" for v in _to_jsonable(vals)])
+    for key in ("falsified", "unknown") if "pipeline" in table else ():
+      w.writerow([f"pipeline_{key}"] + [f"{float(v):.4f}" for v in table["pipeline"][key]])
     if "pgd" in table:
       w.writerow(["pgd"] + [f"{float(v):.4f}" for v in table["pgd"]])
 

@@ -69,6 +69,17 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   assert r3.returncode == 0, r3.stderr[-3000:]
   cert = json.loads((workdir / "certify_linf.json").read_text())
   assert cert["eps"] == [0.0, 0.05, 0.1] and set(cert["rows"]) == {"ibp", "best"}
+  # The verification pipeline: its rows, per-stage times, and the falsified share.
+  r5 = _run(["experiments.certify", f"--checkpoint={workdir}", "--methods=ibp,pipeline",
+             "--num_points=10", "--eps_grid=0,0.1", "--pipeline_pgd_steps=10",
+             "--pipeline_stages=ibp,crown_ibp,pgd", "--output_dir=" + str(tmp_path / "p"),
+             "--noprogress"])
+  assert r5.returncode == 0, r5.stderr[-3000:]
+  assert "pipeline: falsified" in r5.stdout and "time per stage" in r5.stdout
+  pipe = json.loads((tmp_path / "p" / "certify_linf.json").read_text())["pipeline"]
+  assert pipe["stages"] == ["clean", "ibp", "crown_ibp", "pgd"]
+  assert all(abs(c + f + u - 1) < 1e-9 for c, f, u in
+             zip(pipe["certified"], pipe["falsified"], pipe["unknown"]))
   r4 = _run(["experiments.certify", f"--checkpoint={workdir}", "--eps_grid=0.1,0"])
   assert r4.returncode != 0 and "eps_grid" in r4.stderr
 

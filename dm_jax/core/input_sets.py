@@ -187,3 +187,79 @@ def make_input_set(x, eps, norm="linf", k=None, domain=None) -> InputSet:
       raise ValueError(f"domain must satisfy lo < hi; got {domain!r}.")
     domain = (lo, hi)
   return InputSet(x=x, eps=eps_b, norm=norm, k=k, domain=domain)
+
+
+# ------------------------------------------------- membership (host-side checks)
+
+def _domain_ok(iset: InputSet, p: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """Per element: inside the data box (l0: default [0, 1]), or unchanged."""
+  box = iset.domain if iset.domain is not None else ((0.0, 1.0) if iset.norm == "l0"
+                                                      else None)
+  if box is None:
+    return np.ones(p.shape, bool)
+  return ((p >= box[0]) & (p <= box[1])) | (p == x)
+
+
+def contains(iset: InputSet, points) -> np.ndarray:
+  """Whether ``points[b]`` lies in the set around ``x[b]``: (B,) bool.
+
+  Checked on the host in float64, without tolerance: ``|p - x| <= eps`` element-wise
+  (l-inf), ``||p - x||_2 <= eps`` or ``||p - x||_1 <= eps`` (l2, l1), at most ``k``
+  changed coordinates (l0); with a data box every changed coordinate in it (for l0 the
+  default box is [0, 1]). For float32 data the differences are exact in float64, so a
+  point passes only if it is in the set in exact arithmetic (a counterexample is then a
+  true one). Not jit-able (concrete arrays).
+  """
+  x = np.asarray(iset.x, np.float64)
+  p = np.asarray(points, np.float64)
+  if p.shape != x.shape:
+    raise ValueError(f"points must have the shape of the set's x {x.shape}; got {p.shape}.")
+  batch = x.shape[0]
+  flat = lambda t: t.reshape(batch, -1)
+  d = flat(p - x)
+  ok = np.all(np.isfinite(flat(p)), axis=1) & np.all(flat(_domain_ok(iset, p, x)), axis=1)
+  eps = flat(np.asarray(iset.eps, np.float64))
+  if iset.norm == "linf":
+    return ok & np.all(np.abs(d) <= eps, axis=1)
+  if iset.norm == "l0":
+    return ok & (np.sum(d != 0, axis=1) <= iset.k)
+  size = np.sqrt(np.sum(d * d, axis=1)) if iset.norm == "l2" else np.sum(np.abs(d), axis=1)
+  return ok & (size <= eps[:, 0])
+
+
+def pull_inside(iset: InputSet, points) -> np.ndarray:
+  """``points`` moved into the set where float rounding left them just outside, in the
+  dtype of ``x``: (B, ...).
+
+  l-inf: clipped to ``[x - eps, x + eps]`` (and the box) in float64, then rounded, and
+  a coordinate that rounding pushed outside goes one float step back toward ``x`` (the
+  float32 grid holds ``x``, so this lands inside). l2 / l1: the perturbation scaled down
+  onto the ball in float64 (times 1 - 1e-6), the coordinates clipped to the box. l0:
+  unchanged. Check the result with :func:`contains`: a point far outside is moved, not
+  validated.
+  """
+  x = np.asarray(iset.x, np.float64)
+  dtype = np.asarray(iset.x).dtype
+  p = np.asarray(points, np.float64)
+  if p.shape != x.shape:
+    raise ValueError(f"points must have the shape of the set's x {x.shape}; got {p.shape}.")
+  if iset.norm == "l0":
+    return p.astype(dtype)
+  if iset.domain is not None:
+    p = np.where(p == x, p, np.clip(p, *iset.domain))
+  batch = x.shape[0]
+  eps = np.asarray(iset.eps, np.float64)
+  if iset.norm == "linf":
+    lo, hi = x - eps, x + eps
+    if iset.domain is not None:
+      lo = np.minimum(np.maximum(lo, iset.domain[0]), x)
+      hi = np.maximum(np.minimum(hi, iset.domain[1]), x)
+    out = np.clip(p, lo, hi).astype(dtype)
+    out = np.where(out > hi, np.nextafter(out, np.asarray(-np.inf, dtype)), out)
+    return np.where(out < lo, np.nextafter(out, np.asarray(np.inf, dtype)), out)
+  d = (p - x).reshape(batch, -1)
+  size = (np.sqrt(np.sum(d * d, axis=1)) if iset.norm == "l2"
+          else np.sum(np.abs(d), axis=1))
+  radius = eps.reshape(batch, -1)[:, 0] * (1 - 1e-6)
+  scale = np.where(size > radius, radius / np.maximum(size, 1e-300), 1.0)
+  return (x + (d * scale[:, None]).reshape(x.shape)).astype(dtype)

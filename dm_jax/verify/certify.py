@@ -7,8 +7,10 @@ Methods (:data:`CERTIFY_METHODS`): ``ibp`` (last layer folded), ``crown_ibp``,
 ``fastlin`` (CNN-Cert-ReLU), ``crown`` (CNN-Cert-Ada), ``zero`` (CNN-Cert-Zero), their
 IBP-intersected versions ``fastlin_intersect``, ``crown_intersect``, ``zero_intersect``
 (every intermediate bound intersected with IBP's, ``linear.linear_bounds(...,
-intersect_ibp=True)``; also written ``<method>+ibp``) and ``mip`` (exact, small nets
-only).
+intersect_ibp=True)``; also written ``<method>+ibp``), ``mip`` (exact, small nets
+only) and ``pipeline`` (:mod:`dm_jax.verify.pipeline`: certifiers in turn on the points
+still undecided, PGD falsification, optionally the MIP; its table rows are certified,
+falsified and unknown).
 
 The "best" row of a table certifies a point if any sound certificate does: the union of
 the rows, and of the intersected versions of the textbook linear rows (sound, so the
@@ -35,16 +37,16 @@ LINEAR_CERTIFIERS = ("fastlin", "crown", "zero")
 INTERSECT_SUFFIX = "_intersect"
 _INTERSECT_SUFFIXES = (INTERSECT_SUFFIX, "-intersect", "+ibp")
 INTERSECTED = tuple(m + INTERSECT_SUFFIX for m in LINEAR_CERTIFIERS)
-CERTIFY_METHODS = linear.METHODS + INTERSECTED + ("mip",)
+CERTIFY_METHODS = linear.METHODS + INTERSECTED + ("mip", "pipeline")
 
 
 def canonical_certifier(method: str) -> str:
   """The canonical name of a certifier (:data:`CERTIFY_METHODS`): the bound methods'
   aliases (``relu``, ``ada``, ``cnn-cert-zero``, ...), each linear one with the suffix
-  ``_intersect`` (or ``-intersect``, ``+ibp``) for its IBP-intersected version, and
-  ``mip``. Unknown names raise ValueError."""
+  ``_intersect`` (or ``-intersect``, ``+ibp``) for its IBP-intersected version,
+  ``mip`` and ``pipeline``. Unknown names raise ValueError."""
   key = str(method).strip().lower()
-  if key == "mip":
+  if key in ("mip", "pipeline"):
     return key
   for suffix in _INTERSECT_SUFFIXES:
     if key.endswith(suffix):
@@ -100,10 +102,28 @@ def _check_xy(x, y):
   return x, y
 
 
+# The options of certify(..., pipeline={...}): verify_points' own arguments.
+PIPELINE_OPTIONS = ("stages", "pgd", "mip_options", "certifiable")
+
+
+def check_eps(eps, n: int) -> np.ndarray:
+  """A scalar or (N,) radius as an (N,) float32 array; ValueError if it has another
+  shape or a negative or non-finite entry (checked here: in a compiled call eps is
+  traced and cannot be)."""
+  eps_arr = np.asarray(0.0 if eps is None else eps, np.float32)
+  if eps_arr.ndim > 1 or (eps_arr.ndim == 1 and eps_arr.shape != (n,)):
+    raise ValueError(f"eps must be a scalar or have shape (N,) = ({n},); got {eps_arr.shape}.")
+  eps_arr = np.array(np.broadcast_to(eps_arr, (n,)))
+  if not np.all(np.isfinite(eps_arr)) or np.any(eps_arr < 0):
+    raise ValueError(f"eps must be finite and >= 0 for every point; got min {eps_arr.min()}.")
+  return eps_arr
+
+
 def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown",
             k: Optional[int] = None, domain=None, batch_size: int = 256,
             chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES, progress: bool = False,
-            mip_time_limit: float = 60.0, mesh=None) -> Tuple[np.ndarray, np.ndarray]:
+            mip_time_limit: float = 60.0, pipeline: Optional[Dict] = None,
+            mesh=None) -> Tuple[np.ndarray, np.ndarray]:
   """Certifies N points at radius ``eps`` (scalar or (N,) per point).
 
   Args:
@@ -111,32 +131,45 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     x: (N, ...) inputs; y: (N,) labels.
     eps: scalar or (N,).
     method: ibp | crown_ibp | fastlin (relu) | crown (ada) | zero, a linear one's
-      IBP-intersected version (``crown_intersect``, ...), or mip.
+      IBP-intersected version (``crown_intersect``, ...), mip, or pipeline.
     batch_size: points per compiled call (the last chunk is padded, so one compile).
-    mip_time_limit: seconds per MILP (one per point and class) of ``mip``.
+    mip_time_limit: seconds per MILP (one per point and class) of ``mip`` (also the
+      pipeline's mip stage).
+    pipeline: for ``method="pipeline"``, keyword arguments of
+      :func:`dm_jax.verify.pipeline.verify_points` (``stages``, ``pgd``,
+      ``mip_options``, ``certifiable``); the full outcome (falsified points, stages,
+      times) is ``verify_points``' result.
     mesh: optional :func:`dm_jax.sharding.data_mesh`: each chunk's points are split over
       its devices (data parallel; the chunk is rounded up to a multiple of them).
 
   Returns:
     (certified (N,) bool, margin_lower (N,) float): the lower bound of
-    ``min_{j != y} f_y - f_j`` over the set.
+    ``min_{j != y} f_y - f_j`` over the set (for the pipeline the best of its stages',
+    -inf where none ran, e.g. a misclassified point).
   """
   method = canonical_certifier(method)
   norm = canonical_norm(norm)
   x, y = _check_xy(x, y)
   n = x.shape[0]
-  eps_arr = np.asarray(0.0 if eps is None else eps, np.float32)
-  if eps_arr.ndim > 1 or (eps_arr.ndim == 1 and eps_arr.shape != (n,)):
-    raise ValueError(f"eps must be a scalar or have shape (N,) = ({n},); got {eps_arr.shape}.")
-  eps_arr = np.broadcast_to(eps_arr, (n,))
-  # Every eps is checked here: inside the compiled call eps is traced and cannot be.
-  if not np.all(np.isfinite(eps_arr)) or np.any(eps_arr < 0):
-    raise ValueError(f"eps must be finite and >= 0 for every point; got min {eps_arr.min()}.")
+  eps_arr = check_eps(eps, n)
+  if pipeline is not None and method != "pipeline":
+    raise ValueError(f"pipeline options are for method='pipeline'; got method={method!r}.")
+  bad = set(pipeline or {}) - set(PIPELINE_OPTIONS)
+  if bad:
+    raise ValueError(f"unknown pipeline options {sorted(bad)}; expected some of "
+                     f"{list(PIPELINE_OPTIONS)}.")
   # The set of every point, built and validated once; chunks of it go to the compiled
   # bound (the set is a pytree).
   iset = make_input_set(jnp.asarray(x), jnp.asarray(eps_arr), norm, k, domain)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
+  if method == "pipeline":
+    from dm_jax.verify import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+    res = pipeline_lib.verify_points(apply_fn, params, x, y, eps_arr, norm, k=k,
+                                     domain=domain, batch_size=batch_size,
+                                     chunk_bytes=chunk_bytes, mip_time_limit=mip_time_limit,
+                                     **(pipeline or {}))
+    return res.certified, res.margin_lower
   if method == "mip":
     from dm_jax.verify import mip  # scipy solver: small nets only, not jit-able
     if norm not in ("linf", "l1") or np.unique(eps_arr).size != 1:
@@ -180,7 +213,7 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
                              methods: Sequence[str] = ("fastlin", "ibp"), norm="linf", *,
                              progress: bool = True, pgd: Optional[Dict] = None,
                              monotone: bool = True, best_intersect: bool = True,
-                             **kw) -> Dict:
+                             pipeline: Optional[Dict] = None, **kw) -> Dict:
   """Paper-style table: certified accuracy per certifier and eps, plus the "best" row.
 
   Args:
@@ -196,6 +229,10 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
       stays the union of sound certificates; the intersected bound is never looser than
       IBP's, and usually (not always: tighter intermediate bounds change the relaxations'
       slopes) tighter than the plain one, which stays in the union too.
+    pipeline: options of the ``pipeline`` row (``stages``, ``pgd``, ``mip_options``;
+      see :func:`dm_jax.verify.pipeline.verify_points`; ``mip_time_limit`` comes from
+      ``**kw``). The row is its certified share (it enters "best"); the table gets
+      ``pipeline`` with the falsified and unknown shares and the seconds per stage.
     pgd: optional keyword arguments of :func:`pgd_robust` (e.g. ``dict(steps=50,
       restarts=2)``): adds the PGD row, the accuracy under attack, an upper bound of
       what any sound certifier can reach. With ``attack_certified=True`` (the default)
@@ -214,7 +251,11 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
     (a point counts if any sound certificate holds), ``best_of`` (the certifiers the
     union took: the rows and the added intersected versions), ``num_points``, ``norm``,
     ``clean`` (plain accuracy), and with ``pgd``: ``pgd`` [accuracy under attack per
-    eps], ``certified_but_attacked`` [count per eps] and ``pgd_settings``.
+    eps], ``certified_but_attacked`` [count per eps] and ``pgd_settings``; with the
+    ``pipeline`` method: ``pipeline`` = {``stages``, ``certified``, ``falsified``,
+    ``unknown`` [share per eps], ``seconds``, ``checked``, ``decided`` {stage: [per
+    eps]}, ``reused`` [falsified points whose counterexample from a smaller eps lies in
+    this eps' set, per eps]}.
   """
   methods = [canonical_certifier(m) for m in methods]
   x, y = _check_xy(x, y)
@@ -253,7 +294,13 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
     bar.update(1)
     return cert
 
+  pipe = None
   for m in methods:
+    if m == "pipeline":
+      pipe = _pipeline_pass(apply_fn, params, x, y, eps_grid, order, norm, monotone,
+                            pipeline or {}, kw, bar)
+      cert_at[m] = pipe.pop("certified_points")
+      continue
     alive = np.ones(n, bool)
     for i in order:
       cert_at[m][i] = alive = run(m, i, np.flatnonzero(alive) if monotone else np.arange(n))
@@ -272,6 +319,8 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
   table = {"eps": [float(e) for e in eps_grid], "rows": rows, "best_of": methods + extra,
            "num_points": int(n), "norm": canonical_norm(norm),
            "clean": float(correct.mean())}
+  if pipe is not None:
+    table["pipeline"] = pipe
   if pgd is not None:
     settings = dict(pgd)
     attack_certified = settings.pop("attack_certified", True)
@@ -283,6 +332,65 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
                                          for u, r in zip(union, robust)]
     table["pgd_settings"] = dict(settings, attack_certified=attack_certified)
   return table
+
+
+def _pipeline_pass(apply_fn, params, x, y, eps_grid, order, norm, monotone, options, kw,
+                   bar) -> Dict:
+  """The pipeline at every eps of the grid (increasing), for the table.
+
+  Monotone: at a larger eps the certifying stages see only the points certified at the
+  previous one, and a falsified point whose counterexample lies in the larger set stays
+  falsified without running anything (``reused``).
+  """
+  from dm_jax.verify import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+  from dm_jax.core.input_sets import contains  # pylint: disable=import-outside-toplevel
+  bad = set(options) - set(PIPELINE_OPTIONS) | ({"certifiable"} & set(options))
+  if bad:
+    raise ValueError(f"the table's pipeline options are some of "
+                     f"{[o for o in PIPELINE_OPTIONS if o != 'certifiable']}; got "
+                     f"{sorted(bad)}.")
+  n, g = x.shape[0], len(eps_grid)
+  stages = (pipeline_lib.CLEAN,) + pipeline_lib.check_stages(options.get("stages"), norm)
+  out = {"stages": list(stages), "certified": [0.0] * g, "falsified": [0.0] * g,
+         "unknown": [0.0] * g, "reused": [0] * g,
+         "seconds": {s: [0.0] * g for s in stages}, "checked": {s: [0] * g for s in stages},
+         "decided": {s: [0] * g for s in stages}, "certified_points": [None] * g}
+  certifiable = np.ones(n, bool)
+  found = np.zeros(n, bool)
+  cex = np.zeros(x.shape, np.asarray(x).dtype)
+  vk = {key: kw[key] for key in ("k", "domain", "batch_size", "chunk_bytes",
+                                 "mip_time_limit") if key in kw}
+  for i in order:
+    eps = np.full(n, float(eps_grid[i]), np.float32)
+    reused = np.zeros(n, bool)
+    if monotone and found.any():
+      iset = make_input_set(jnp.asarray(x[found]), jnp.asarray(eps[found]), norm,
+                            kw.get("k"), kw.get("domain"))
+      reused[np.flatnonzero(found)[contains(iset, cex[found])]] = True
+    todo = np.flatnonzero(~reused)
+    status = np.full(n, pipeline_lib.FALSIFIED, np.int8)
+    if todo.size:
+      res = pipeline_lib.verify_points(
+          apply_fn, params, x[todo], y[todo], eps[todo], norm,
+          certifiable=certifiable[todo] if monotone else None, **vk,
+          **{key: v for key, v in options.items() if key != "certifiable"})
+      status[todo] = res.status
+      hit = todo[res.falsified]
+      cex[hit], found[hit] = res.counterexamples[res.falsified], True
+      for s in stages:
+        out["seconds"][s][i] = float(res.seconds[s])
+        out["checked"][s][i] = int(res.checked[s])
+        out["decided"][s][i] = int(res.decided[s])
+    cert = status == pipeline_lib.CERTIFIED
+    out["certified_points"][i] = cert
+    out["reused"][i] = int(reused.sum())
+    for key, code in (("certified", pipeline_lib.CERTIFIED),
+                      ("falsified", pipeline_lib.FALSIFIED), ("unknown", pipeline_lib.UNKNOWN)):
+      out[key][i] = float(np.mean(status == code))
+    if monotone:
+      certifiable = cert
+    bar.update(1)
+  return out
 
 
 def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *,
@@ -301,15 +409,32 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
   which a sound certificate says PGD cannot break); they count as robust. The steps run
   in compiled chunks of ``chunk`` (one compile for every eps and restart).
   """
-  from dm_jax.train.methods.attacks import pgd_attack  # pylint: disable=import-outside-toplevel
   x, y = _check_xy(x, y)
   if steps < 1 or restarts < 1 or chunk < 1:
     raise ValueError(f"PGD needs steps, restarts and chunk >= 1; got {steps}, {restarts}, "
                      f"{chunk}.")
   box = (0.0, 1.0) if domain is None else tuple(float(d) for d in domain)
   n = x.shape[0]
-  bs = min(batch_size, n)
-  sizes = [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
+  correct = np.asarray(_compiled_pgd(apply_fn, norm, box)[1](params, jnp.asarray(x))) \
+      == np.asarray(y)
+  out = []
+  for i, eps in enumerate(eps_grid):
+    ok = correct.copy()
+    todo = np.flatnonzero(ok & ~skip[i]) if skip is not None else np.flatnonzero(ok)
+    if float(eps) > 0 and todo.size:
+      _, broken = pgd_search(apply_fn, params, x[todo], y[todo],
+                             np.full(todo.size, float(eps), np.float32), norm, steps=steps,
+                             restarts=restarts, step_size=step_size, seed=seed, domain=box,
+                             batch_size=min(batch_size, n), chunk=chunk, salt=i)
+      ok[todo] &= ~broken
+    out.append(ok)
+  return out
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_pgd(apply_fn, norm, box):
+  """(advance, predict): ``n_steps`` PGD steps (compiled per chunk length) and argmax."""
+  from dm_jax.train.methods.attacks import pgd_attack  # pylint: disable=import-outside-toplevel
 
   @functools.partial(jax.jit, static_argnames=("n_steps", "start"))
   def advance(params, xb, yb, xa, eps, step, key, n_steps, start):
@@ -318,33 +443,70 @@ def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *
                       x_init=None if start else xa, unroll=True)
 
   predict = jax.jit(lambda params, xb: jnp.argmax(apply_fn(params, xb), -1))
-  correct = np.asarray(predict(params, jnp.asarray(x))) == np.asarray(y)
-  out = []
-  for i, eps in enumerate(eps_grid):
-    eps = float(eps)
-    step = jnp.float32(step_size if step_size is not None else 2.5 * eps / steps)
-    ok = correct.copy()
-    todo = np.flatnonzero(ok & ~skip[i]) if skip is not None else np.flatnonzero(ok)
-    for start in range(0, todo.size, bs) if eps > 0 else ():
-      idx = todo[start:start + bs]
-      idx = np.concatenate([idx, np.repeat(idx[-1:], bs - idx.size)])
-      xb, yb = jnp.asarray(x[idx]), jnp.asarray(y[idx])
-      broken = np.zeros(bs, bool)
-      for r in range(restarts):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), (i * 1009 + start) * 101 + r)
-        xa = xb
-        for j, size in enumerate(sizes):
-          xa = advance(params, xb, yb, xa, jnp.float32(eps), step,
-                       jax.random.fold_in(key, j), n_steps=size, start=j == 0)
-        broken |= np.asarray(predict(params, xa)) != np.asarray(yb)
-      ok[idx] &= ~broken
-    out.append(ok)
-  return out
+  return advance, predict
+
+
+def pgd_search(apply_fn, params, x, y, eps, norm="linf", *, steps: int = 50,
+               restarts: int = 2, step_size: Optional[float] = None, seed: int = 0,
+               domain=None, batch_size: int = 200, chunk: int = 10,
+               salt: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """PGD on every point (the driver of :func:`pgd_robust` and the pipeline's attack).
+
+  Args:
+    x: (M, ...) points; y: (M,) labels; eps: (M,) radii (> 0).
+    norm: linf or l2. steps, restarts, step_size (default ``2.5 eps / steps`` per
+      point), chunk: as :func:`pgd_robust`.
+    domain: the box the attack stays in (None: none).
+    batch_size: points per compiled call (the last batch padded with the last point).
+    seed, salt: the random starts' keys (``salt`` tells calls apart, e.g. the eps index).
+
+  Returns:
+    (x_adv (M, ...), broken (M,) bool): per point, the end of the first restart whose
+    prediction is not ``y`` (then ``broken``), else of the last restart. The points lie
+    in the ball and the box up to float rounding (check with
+    :func:`dm_jax.core.input_sets.contains`).
+  """
+  from dm_jax.train.methods.attacks import (  # pylint: disable=import-outside-toplevel
+      check_attack_norm)
+  norm = check_attack_norm(norm)
+  if steps < 1 or restarts < 1 or chunk < 1:
+    raise ValueError(f"PGD needs steps, restarts and chunk >= 1; got {steps}, {restarts}, "
+                     f"{chunk}.")
+  x, y = _check_xy(x, y)
+  eps = np.broadcast_to(np.asarray(eps, np.float32), (x.shape[0],))
+  box = None if domain is None else tuple(float(d) for d in domain)
+  advance, predict = _compiled_pgd(apply_fn, norm, box)
+  sizes = [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
+  m = x.shape[0]
+  bs = max(1, min(batch_size, m))
+  adv = np.array(x, copy=True)
+  broken = np.zeros(m, bool)
+  for start in range(0, m, bs):
+    idx = np.arange(start, min(start + bs, m))
+    pad = np.concatenate([idx, np.repeat(idx[-1:], bs - idx.size)])
+    xb, yb = jnp.asarray(x[pad]), jnp.asarray(y[pad])
+    eb = jnp.asarray(eps[pad])
+    step = eb * (2.5 / steps) if step_size is None else jnp.full_like(eb, step_size)
+    step = step.reshape((bs,) + (1,) * (x.ndim - 1))
+    done = np.zeros(bs, bool)
+    best = np.array(xb)
+    for r in range(restarts):
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), (salt * 1009 + start) * 101 + r)
+      xa = xb
+      for j, size in enumerate(sizes):
+        xa = advance(params, xb, yb, xa, eb, step, jax.random.fold_in(key, j),
+                     n_steps=size, start=j == 0)
+      xa = np.asarray(xa)
+      best[~done] = xa[~done]
+      done |= np.asarray(predict(params, jnp.asarray(xa))) != np.asarray(yb)
+    adv[idx] = best[:idx.size]
+    broken[idx] = done[:idx.size]
+  return adv, broken
 
 
 _LABELS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "fastlin": "CNN-Cert-ReLU",
            "crown": "CNN-Cert-Ada", "zero": "CNN-Cert-Zero", "mip": "MIP (exact)",
-           "best": "best (union)"}
+           "best": "best (union)", "pipeline": "pipeline: certified"}
 _LABELS.update({intersected(m): _LABELS[m] + " ∩ IBP" for m in LINEAR_CERTIFIERS})
 
 
@@ -353,26 +515,42 @@ def label(certifier: str) -> str:
   return _LABELS.get(certifier, certifier)
 
 
+def _extra_rows(table: Dict) -> list:
+  """The rows below "best", in groups: the pipeline's falsified / unknown shares, the
+  PGD row; each (csv name, label, values)."""
+  groups = []
+  if "pipeline" in table:
+    p = table["pipeline"]
+    groups.append([("pipeline_falsified", "pipeline: falsified", p["falsified"]),
+                   ("pipeline_unknown", "pipeline: unknown", p["unknown"])])
+  if "pgd" in table:
+    groups.append([("pgd", "PGD (upper bound)", table["pgd"])])
+  return groups
+
+
 def format_table(table: Dict, eps_scale: float = 1.0, eps_label: str = "eps") -> str:
-  """Renders a certified-accuracy table as aligned text (rows certifiers, columns eps)."""
+  """Renders a certified-accuracy table as aligned text (rows certifiers, columns eps;
+  below rules, the pipeline's falsified and unknown shares and the PGD row)."""
   eps = [e * eps_scale for e in table["eps"]]
   head = [f"{eps_label}:"] + [f"{e:g}" for e in eps]
-  lines = [head]
-  for m, accs in table["rows"].items():
-    lines.append([label(m)] + [f"{100 * a:.1f}%" for a in accs])
-  if "pgd" in table:
-    lines.append(["PGD (upper bound)"] + [f"{100 * a:.1f}%" for a in table["pgd"]])
-  widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-  out = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-         for r in lines]
-  out.insert(1, "-" * len(out[0]))
-  if "pgd" in table:
-    out.insert(len(out) - 1, "-" * len(out[0]))
+  cells = lambda accs: [f"{100 * a:.1f}%" for a in accs]
+  groups = [[head], [[label(m)] + cells(accs) for m, accs in table["rows"].items()]]
+  groups += [[[name] + cells(vals) for _, name, vals in g] for g in _extra_rows(table)]
+  widths = [max(len(r[i]) for g in groups for r in g) for i in range(len(head))]
+  render = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths)))
+  lines = []
+  for i, group in enumerate(groups):
+    lines += (["-" * len(render(head))] if i else []) + [render(r) for r in group]
   tail = f"\n({table['num_points']} points, norm {table['norm']}, " \
       f"clean accuracy {100 * table['clean']:.1f}%"
   added = [m for m in table.get("best_of", ()) if m not in table["rows"]]
   if added:
     tail += "; best also counts " + ", ".join(label(m) for m in added)
+  if "pipeline" in table:
+    p = table["pipeline"]
+    times = ", ".join(f"{st} {sum(p['seconds'][st]):.1f} s" for st in p["stages"])
+    tail += f"; pipeline {' -> '.join(p['stages'])}, time per stage: {times}"
   if "pgd" in table:
     s = table["pgd_settings"]
     tail += (f"; PGD: {s.get('steps', 50)} steps, {s.get('restarts', 2)} restarts, margin "
@@ -381,15 +559,16 @@ def format_table(table: Dict, eps_scale: float = 1.0, eps_label: str = "eps") ->
       tail += f"; certified points PGD broke: {sum(table['certified_but_attacked'])}"
     else:
       tail += " on the uncertified points"
-  return "\n".join(out) + tail + ")"
+  return "\n".join(lines) + tail + ")"
 
 
 def table_to_csv(table: Dict) -> str:
   lines = ["method," + ",".join(f"{e:g}" for e in table["eps"])]
   for m, accs in table["rows"].items():
     lines.append(m + "," + ",".join(f"{a:.4f}" for a in accs))
-  if "pgd" in table:
-    lines.append("pgd," + ",".join(f"{a:.4f}" for a in table["pgd"]))
+  for group in _extra_rows(table):
+    for name, _, vals in group:
+      lines.append(name + "," + ",".join(f"{a:.4f}" for a in vals))
   return "\n".join(lines) + "\n"
 
 
@@ -407,6 +586,9 @@ def plot_table(table: Dict, path: str, title: str = "", eps_scale: float = 1.0,
   if "pgd" in table:
     ax.plot(eps, 100 * np.array(table["pgd"]), marker="x", color="k", linestyle=":",
             label="PGD (upper bound)")
+  if "pipeline" in table:
+    ax.plot(eps, 100 * (1 - np.array(table["pipeline"]["falsified"])), marker="v",
+            color="gray", linestyle=":", label="pipeline: not falsified (upper bound)")
   ax.set_xlabel(eps_label)
   ax.set_ylabel("certified accuracy (%)")
   ax.set_ylim(-2, 102)
@@ -451,8 +633,8 @@ def relu_stability(apply_fn, params, x, eps, norm="linf", *, method="ibp", k=Non
     versions (``crown_intersect``, ...: each intersected with IBP's interval).
   """
   method, intersect_ibp = linear_options(canonical_certifier(method))
-  if method == "mip":
-    raise ValueError("relu_stability needs bounds of a bound method, not 'mip'.")
+  if method in ("mip", "pipeline"):
+    raise ValueError(f"relu_stability needs bounds of a bound method, not {method!r}.")
   if method == "ibp":
     _, relus = interval_bounds(apply_fn, params, x, eps, norm, k=k, domain=domain,
                                return_relu_inputs=True)
