@@ -856,7 +856,11 @@ def render(names: Sequence[str], budget: str) -> Path:
            f"in `{results_dir(budget)}/`; every cell's command, commit, machine and "
            "times are in its JSON. Our numbers and the paper's are in separate tables, "
            "never one column. Certified accuracy is on the same seeded test points for "
-           "every certifier; \"best\" counts a point certified by any sound certifier.",
+           "every certifier; \"best\" counts a point certified by any sound certifier. "
+           "Training times are wall times on the machine named under each table, whose "
+           "cores may have been shared with other work (the load at each cell's end is "
+           "in its JSON): read them as upper bounds, and compare step costs in the cost "
+           "table, which is measured on a quiet machine.",
            ""]
   for name in names:
     lines += render_table(TABLES[name], budget, report)
