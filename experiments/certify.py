@@ -18,6 +18,7 @@ Writes ``certify_<norm>.json``, ``.csv`` and ``.png`` (certified accuracy vs eps
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,9 +32,10 @@ flags.DEFINE_string("checkpoint", None, "A training workdir (holding checkpoints
                     "checkpoints/ directory.")
 flags.DEFINE_string("dataset", None, "Dataset; default: the one the checkpoint was trained on.")
 flags.DEFINE_string("methods", "relu,ada,zero,ibp", "Certifiers: relu (fastlin), ada "
-                    "(crown), zero, ibp, crown_ibp, mip, relu_intersect, ada_intersect "
-                    "(intermediate bounds intersected with IBP's; the best row counts "
-                    "them anyway), and pipeline (certified / falsified / unknown).")
+                    "(crown), zero, ibp, crown_ibp, alpha_crown (α-CROWN, --alpha_*), mip, "
+                    "relu_intersect, ada_intersect, alpha_crown_intersect (intermediate "
+                    "bounds intersected with IBP's; the best row counts them anyway), and "
+                    "pipeline (certified / falsified / unknown).")
 flags.DEFINE_string("pipeline_stages", None, "Stages of --methods=pipeline, in order "
                     "(certifier names, pgd, mip); default ibp,crown_ibp,crown_intersect,pgd "
                     "(no pgd for l1/l0). Add mip (last) for small nets.")
@@ -41,6 +43,15 @@ flags.DEFINE_integer("pipeline_pgd_steps", 50, "PGD steps of the pipeline's atta
 flags.DEFINE_integer("pipeline_pgd_restarts", 2, "PGD restarts of the pipeline's attack.")
 flags.DEFINE_float("mip_time_limit", 60.0, "Seconds per MILP (one per point and class) of "
                    "the mip certifier and the pipeline's mip stage.")
+flags.DEFINE_integer("alpha_steps", 20, "alpha_crown: projected Adam steps on the lower "
+                     "slopes (0: CROWN's bound).")
+flags.DEFINE_float("alpha_lr", 0.1, "alpha_crown: Adam's learning rate.")
+flags.DEFINE_enum("alpha_objective", "sum", ["sum", "min"], "alpha_crown: maximise the sum "
+                  "of each point's margin lower bounds or the smallest one.")
+flags.DEFINE_bool("alpha_per_row", False, "alpha_crown: one slope per margin row instead "
+                  "of one shared by the rows.")
+flags.DEFINE_bool("alpha_intermediate", False, "alpha_crown: optimise the intermediate "
+                  "bounds' slopes too (about steps + 1 times CROWN's cost).")
 flags.DEFINE_string("eps_grid", None, "Comma-separated eps values (fractions like 8/255 "
                     "accepted), increasing; default: the dataset's curve grid "
                     "(experiments/grids.py).")
@@ -59,6 +70,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 def run() -> None:
   import numpy as np
   from dm_jax import data as data_lib, sharding, train as train_lib
+  from dm_jax.bounds import linear
   from dm_jax.verify import certify
 
   if not FLAGS.checkpoint:
@@ -72,6 +84,9 @@ def run() -> None:
   methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
   for m in methods:
     certify.canonical_certifier(m)
+  alpha = linear.AlphaConfig(steps=FLAGS.alpha_steps, lr=FLAGS.alpha_lr,
+                             objective=FLAGS.alpha_objective, per_row=FLAGS.alpha_per_row,
+                             optimize_intermediate=FLAGS.alpha_intermediate)
   norm = FLAGS.norm or config.norm
   pipeline = None
   if "pipeline" in [certify.canonical_certifier(m) for m in methods]:
@@ -90,7 +105,7 @@ def run() -> None:
       apply_fn, state.params, x, y, eps_grid, methods, norm, progress=FLAGS.progress,
       batch_size=FLAGS.batch_size, k=FLAGS.k, domain=(0.0, 1.0) if FLAGS.domain_box else None,
       pipeline=pipeline, mip_time_limit=FLAGS.mip_time_limit,
-      mesh=sharding.data_mesh(FLAGS.num_devices))
+      mesh=sharding.data_mesh(FLAGS.num_devices), alpha=alpha)
   seconds = time.time() - t0
   print(f"{dataset_name} {config.arch} trained with {config.method} (eps_train "
         f"{config.eps_train:g}); {n} test points (seed {FLAGS.seed}); norm {norm}; "
@@ -99,6 +114,8 @@ def run() -> None:
   out = Path(FLAGS.output_dir) if FLAGS.output_dir else workdir
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"certify_{norm}"
+  if any(certify.uses_alpha(certify.canonical_certifier(m)) for m in methods):
+    table["alpha"] = dataclasses.asdict(alpha)
   table.update({"dataset": dataset_name, "seed": FLAGS.seed, "test_indices": idx.tolist(),
                 "seconds": seconds, "checkpoint": str(workdir)})
   stem.with_suffix(".json").write_text(json.dumps(table, indent=1))

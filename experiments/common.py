@@ -90,8 +90,9 @@ flags.DEFINE_integer("cert_seed", None, "Seed of the certified test points (defa
 flags.DEFINE_integer("num_cert_points", None, "Random test points to certify (0: skip); "
                      "default: the dataset's.")
 flags.DEFINE_string("cert_methods", None, "Certifiers for the table (comma-separated: "
-                    "fastlin, crown, zero, ibp, crown_ibp, mip, fastlin_intersect, "
-                    "crown_intersect); default: the dataset's.")
+                    "fastlin, crown, zero, ibp, crown_ibp, alpha_crown (20 steps), mip, "
+                    "fastlin_intersect, crown_intersect, alpha_crown_intersect); default: "
+                    "the dataset's.")
 flags.DEFINE_integer("cert_batch_size", 50, "Certification batch size.")
 flags.DEFINE_integer("pgd_steps", 50, "PGD steps of the table's attack row (the empirical "
                      "upper bound; margin loss, step 2.5 eps / steps).")

@@ -1,7 +1,8 @@
 """Certification tests of ``dm_jax.verify.certify`` on a quickly trained MNIST model.
 
-1. Attack: for every certifier (ibp, crown_ibp, fastlin, crown, zero, and the
-   IBP-intersected fastlin_intersect, crown_intersect, zero_intersect) and threat model
+1. Attack: for every certifier (ibp, crown_ibp, fastlin, crown, zero, alpha_crown, and
+   the IBP-intersected fastlin_intersect, crown_intersect, zero_intersect,
+   alpha_crown_intersect) and threat model
    (linf, linf with the [0, 1] data box, l2, l1), each test point is certified at the
    largest radius of a grid at which it is certified (per-point eps), then attacked there
    by PGD (margin loss, >= 60 steps, several restarts, the best iterate kept). The attack
@@ -32,6 +33,7 @@ from dm_jax.core.errors import UnsupportedPrimitiveError
 
 METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
 INTERSECTED = ("fastlin_intersect", "crown_intersect", "zero_intersect")
+ALPHA = ("alpha_crown", "alpha_crown_intersect")  # alpha-CROWN (default options)
 N_TEST = 48
 
 
@@ -190,7 +192,7 @@ EPS_GRID = {
 
 
 @pytest.mark.parametrize("set_name", list(EPS_GRID))
-@pytest.mark.parametrize("method", METHODS + INTERSECTED)
+@pytest.mark.parametrize("method", METHODS + INTERSECTED + ALPHA)
 def test_pgd_never_beats_certificate(trained, method, set_name):
   apply_fn, params, x, y = trained
   norm = "linf" if set_name == "linf_box" else set_name
@@ -337,6 +339,36 @@ def test_certifier_names():
     with pytest.raises(ValueError):
       C.canonical_certifier(bad)
   assert C.label("crown_intersect") == "CNN-Cert-Ada ∩ IBP"
+
+
+def test_alpha_crown_certifier(trained):
+  """alpha_crown through certify and the table: its margins are never below CROWN's (so
+  it certifies every point CROWN does), 0 steps is CROWN, ``alpha`` reaches it (and not
+  the other rows), and "best" adds its intersected version."""
+  apply_fn, params, x, y = trained
+  n = x.shape[0]
+  e = 0.03
+  c_cert, c_low = C.certify(apply_fn, params, x, y, e, method="crown", batch_size=n)
+  a_cert, a_low = C.certify(apply_fn, params, x, y, e, method="α-CROWN", batch_size=n)
+  assert np.all(a_low >= c_low - 1e-5 * (1 + np.abs(c_low)))
+  assert np.all(a_cert >= c_cert) and np.max(a_low - c_low) > 1e-3
+  _, z_low = C.certify(apply_fn, params, x, y, e, method="alpha_crown", batch_size=n,
+                       alpha=linear.AlphaConfig(steps=0))
+  np.testing.assert_allclose(z_low, c_low, rtol=1e-5, atol=1e-5)
+  alpha = linear.AlphaConfig(steps=5, lr=0.2)
+  _, f_low = C.certify(apply_fn, params, x, y, e, method="alpha_crown", batch_size=n,
+                       alpha=alpha)
+  assert np.max(np.abs(f_low - a_low)) > 1e-6  # the options arrived
+  table = C.certified_accuracy_table(apply_fn, params, x, y, (e,), methods=("ibp", "ada",
+                                     "alpha_crown"), progress=False, batch_size=n,
+                                     alpha=alpha)
+  assert table["best_of"] == ["ibp", "crown", "alpha_crown", "crown_intersect",
+                              "alpha_crown_intersect"]
+  assert table["rows"]["crown"][0] == pytest.approx(c_cert.mean())
+  assert table["rows"]["alpha_crown"][0] >= table["rows"]["crown"][0]
+  assert "α-CROWN" in C.format_table(table)
+  with pytest.raises(ValueError, match="AlphaConfig"):
+    C.certify(apply_fn, params, x, y, e, method="alpha_crown", alpha=dict(steps=3))
 
 
 def test_certified_radius_consistent(trained):

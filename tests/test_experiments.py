@@ -64,11 +64,14 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   assert "training done: step 5" in r2.stdout
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == len(metrics)
   # experiments.certify on the same checkpoint: its own grid, written beside it.
-  r3 = _run(["experiments.certify", f"--checkpoint={workdir}", "--methods=ibp",
-             "--num_points=10", "--eps_grid=0,0.05,1/10", "--noprogress"])
+  r3 = _run(["experiments.certify", f"--checkpoint={workdir}", "--methods=ibp,α-CROWN",
+             "--num_points=10", "--eps_grid=0,0.05,1/10", "--noprogress", "--alpha_steps=3",
+             "--alpha_objective=min"])
   assert r3.returncode == 0, r3.stderr[-3000:]
   cert = json.loads((workdir / "certify_linf.json").read_text())
-  assert cert["eps"] == [0.0, 0.05, 0.1] and set(cert["rows"]) == {"ibp", "best"}
+  assert cert["eps"] == [0.0, 0.05, 0.1] and set(cert["rows"]) == {"ibp", "alpha_crown",
+                                                                    "best"}
+  assert cert["alpha"]["steps"] == 3 and cert["alpha"]["objective"] == "min"
   # The verification pipeline: its rows, per-stage times, and the falsified share.
   r5 = _run(["experiments.certify", f"--checkpoint={workdir}", "--methods=ibp,pipeline",
              "--num_points=10", "--eps_grid=0,0.1", "--pipeline_pgd_steps=10",

@@ -18,6 +18,14 @@
    intersected bounds hold at sampled points of the ball and of ball ∩ box (jit and
    eager), of the margins and of every ReLU input; they are never looser than IBP's,
    strictly tighter than the textbook ones somewhere, and below the exact MIP minimum.
+5. alpha-CROWN: sound at sampled and PGD-directed points (every option: shared or
+   per-row slopes, sum or min objective, optimised intermediate bounds, with IBP's
+   intersection, unrolled loop; dense, windowed, pooling and residual paths; jit and
+   eager), never looser than CROWN with the same starting intermediate bounds and
+   strictly tighter somewhere; sound for random slopes (also outside [0, 1], which the
+   relaxation clips) at the output and at every intermediate layer; slopes 0 and
+   u / (u - l) reproduce zero's and fastlin's passes; blocks and 0 steps change nothing;
+   below the exact MIP minimum in every case of section 2, where the gap shrinks.
 
 Models are evaluated with Flax directly; points are drawn with numpy.
 """
@@ -320,7 +328,16 @@ def test_mc_soundness_default_spec_and_per_example_eps():
 
 GAPS = collections.defaultdict(list)        # method -> list of (mip - bound) gaps
 FASTLIN_VS_CROWN = collections.Counter()    # "fastlin", "crown", "tie"
+ALPHA_VS_CROWN = collections.Counter()      # alpha_crown "tighter" than crown, or "tie"
 MIP_TOL = 1e-5
+# alpha-CROWN's rows of the comparison: name -> (intersect_ibp, options, the CROWN
+# certifier with the same starting intermediate bounds, which it never falls below).
+ALPHA_MIP = {
+    "alpha_crown": (False, linear.AlphaConfig(), "crown"),
+    "alpha_crown_intersect": (True, linear.AlphaConfig(), "crown_intersect"),
+    "alpha_crown_row_inter": (False, linear.AlphaConfig(per_row=True,
+                                                        optimize_intermediate=True), "crown"),
+}
 
 
 class TinyConv(nn.Module):
@@ -373,6 +390,20 @@ def _compare_with_mip(model, params, x, y, eps, norm, domain=None, label=""):
         f"{viol.max():.3g}")
     bounds[method] = lb
     GAPS[method].extend((exact - lb).tolist())
+  for name, (intersect, alpha, base) in ALPHA_MIP.items():
+    lb = np.asarray(_jit_margins(apply_fn, norm, domain, "alpha_crown", intersect, alpha)(
+        params, jnp.asarray(x), jnp.asarray(y), jnp.float32(eps)), np.float64)
+    assert np.all(lb[~off] == 0.0), f"{name}: margin at j == y must be 0"
+    lb = lb[off]
+    assert np.all(lb <= exact + MIP_TOL * (1 + np.abs(exact))), (
+        f"{label} {name} {norm} eps={eps}: lower bound exceeds the exact minimum by "
+        f"{(lb - exact).max():.3g}")
+    assert np.all(lb >= bounds[base] - 1e-5 * (1 + np.abs(bounds[base]))), (
+        f"{label} {name}: looser than {base} by {(bounds[base] - lb).max():.3g}")
+    bounds[name] = lb
+    GAPS[name].extend((exact - lb).tolist())
+  ALPHA_VS_CROWN["tighter"] += int(np.sum(bounds["alpha_crown"] > bounds["crown"] + 1e-6))
+  ALPHA_VS_CROWN["tie"] += int(np.sum(bounds["alpha_crown"] <= bounds["crown"] + 1e-6))
   # Appendix K: CNN-Cert-Zero is never looser than IBP (elementwise).
   worse = bounds["ibp"] - bounds["zero"]
   assert np.all(worse <= 1e-5 * (1 + np.abs(bounds["zero"]))), (
@@ -452,7 +483,7 @@ def test_zz_gap_summary():
   lines = ["", "gap to the exact MIP minimum of the margin lower bounds:",
            f"{'method':>10} {'n':>5} {'mean gap':>10} {'median':>9} {'tight(<=1e-4)':>14}"]
   summary = {}
-  for m in METHODS + INTERSECTED:
+  for m in METHODS + INTERSECTED + tuple(ALPHA_MIP):
     g = np.array(GAPS[m])
     tight = float(np.mean(g <= 1e-4))
     summary[m] = (float(g.mean()), tight)
@@ -460,10 +491,15 @@ def test_zz_gap_summary():
                  f"{100 * tight:>13.1f}%")
   lines.append(f"fastlin tighter: {FASTLIN_VS_CROWN['fastlin']}, crown tighter: "
                f"{FASTLIN_VS_CROWN['crown']}, tie: {FASTLIN_VS_CROWN['tie']}")
+  lines.append(f"alpha_crown tighter than crown: {ALPHA_VS_CROWN['tighter']}, tie: "
+               f"{ALPHA_VS_CROWN['tie']}")
   print("\n".join(lines))
   # Zero never looser than IBP elementwise, hence on average too.
   assert summary["zero"][0] <= summary["ibp"][0] + 1e-6
-  assert all(np.all(np.array(GAPS[m]) >= -1e-4) for m in METHODS)
+  assert all(np.all(np.array(GAPS[m]) >= -1e-4) for m in METHODS + tuple(ALPHA_MIP))
+  # alpha-CROWN shrinks the gap (never looser elementwise, asserted per case).
+  assert summary["alpha_crown"][0] < summary["crown"][0], summary
+  assert summary["alpha_crown_intersect"][0] < summary["crown_intersect"][0], summary
 
 
 # ---------------------------------------------------------------- 3. jit and grad
@@ -803,3 +839,192 @@ def test_intersected_vs_mip(eps):
     gain = max(gain, (lb - plain).max())
   assert gain > 1e-3, "the intersection changed no margin: the test is vacuous"
   assert res.num_binaries.max() > 0
+
+
+# ------------------------------------------------------------------- 5. alpha-CROWN
+# method="alpha_crown": CROWN's relaxation with the lower slope of every unstable ReLU a
+# parameter in [0, 1], optimised by projected Adam; each row keeps its best iterate.
+
+ALPHA_OPTIONS = {
+    "default": linear.AlphaConfig(),
+    "per_row": linear.AlphaConfig(per_row=True),
+    "min": linear.AlphaConfig(objective="min", lr=0.3),
+    "inter": linear.AlphaConfig(optimize_intermediate=True),
+    "inter_row": linear.AlphaConfig(optimize_intermediate=True, per_row=True, steps=10),
+    "unroll": linear.AlphaConfig(steps=4, unroll=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_margins(apply_fn, norm, domain, method, intersect, alpha):
+  """Jitted ``linear.margin_lower_bounds`` (eps traced; one compile per model and shape)."""
+  return jax.jit(lambda params, x, y, eps: linear.margin_lower_bounds(
+      apply_fn, params, x, y, eps, norm, method=method, domain=domain,
+      intersect_ibp=intersect, alpha=alpha))
+
+
+def _spec_rows(apply_fn, params, x, seed):
+  """Three random rows and the margin rows of the predicted class: (B, 3 + K, K)."""
+  num_classes = int(apply_fn(params, jnp.asarray(x[:1])).shape[-1])
+  y = np.asarray(apply_fn(params, jnp.asarray(x))).argmax(-1)
+  rng = np.random.default_rng(seed)
+  return y, np.concatenate([rng.normal(size=(x.shape[0], 3, num_classes)),
+                            np.asarray(linear.margin_spec(jnp.asarray(y), num_classes))],
+                           axis=1).astype(np.float32)
+
+
+def _sampled_values(apply_fn, params, x, spec, eps, norm, domain, k=None):
+  """(min, max) of ``spec @ f`` over sampled and PGD-directed points of the set, and the
+  tolerance of the comparisons."""
+  B = x.shape[0]
+  pts = sample_points(x, eps, norm, 400, k=k, domain=domain, seed=11)
+  pts = np.concatenate(
+      [pts, directed_points(apply_fn, params, x, spec, eps, norm, domain, k)], axis=1)
+  f = np.asarray(_jit_apply(apply_fn)(params, jnp.asarray(
+      pts.reshape((-1,) + x.shape[1:]), jnp.float32))).reshape(B, pts.shape[1], -1)
+  vals = np.einsum("bnk,brk->bnr", f.astype(np.float64), spec.astype(np.float64))
+  return vals.min(axis=1), vals.max(axis=1), 1e-4 * (1.0 + np.abs(vals).max())
+
+
+class AlphaCrownTest(chex.TestCase):
+  """Sound at sampled and PGD-directed points, never looser than CROWN with the same
+  intermediate bounds, strictly tighter somewhere; jit = eager; blocks change nothing."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(("mlp", "linf", "default", False),
+                            ("small", "linf_box", "inter_row", False),
+                            ("mlp", "l2", "min", False),
+                            ("pooling", "linf", "per_row", False),
+                            ("small", "linf", "inter", True),
+                            ("mlp", "l1", "per_row", True),
+                            ("resnet", "linf_box", "default", False),
+                            ("mlp", "linf", "unroll", False))
+  def test_sound_and_never_looser_than_crown(self, name, set_name, option, intersect):
+    _, shape, e_inf, e_2, e_1, _ = SOUNDNESS_MODELS[name]
+    model, params = _soundness_setup(name)
+    apply_fn = model.apply
+    norm = "linf" if set_name == "linf_box" else set_name
+    domain = (0.0, 1.0) if set_name == "linf_box" else None
+    eps = {"linf": e_inf, "l2": e_2, "l1": e_1}[norm]
+    x = nominal_inputs(shape, 2, seed=7)
+    _, spec = _spec_rows(apply_fn, params, x, seed=3)
+
+    def bounds(method, alpha=None):
+      run = lambda x_, e_: linear.linear_bounds(
+          apply_fn, params, x_, e_, norm, spec=jnp.asarray(spec), method=method,
+          domain=domain, intersect_ibp=intersect, alpha=alpha)
+      b = self.variant(run)(jnp.asarray(x), jnp.float32(eps))
+      return np.asarray(b.lower, np.float64), np.asarray(b.upper, np.float64)
+
+    lo, up = bounds("alpha_crown", ALPHA_OPTIONS[option])
+    vmin, vmax, tol = _sampled_values(apply_fn, params, x, spec, eps, norm, domain)
+    assert np.all(lo <= vmin + tol) and np.all(up >= vmax - tol), (
+        f"alpha_crown {option}: unsound by {max((lo - vmin).max(), (vmax - up).max()):.3g}")
+    c_lo, c_up = bounds("crown")
+    slack = 1e-5 * (1 + np.abs(c_lo) + np.abs(c_up))
+    assert np.all(lo >= c_lo - slack) and np.all(up <= c_up + slack), (
+        f"looser than CROWN by {max((c_lo - lo).max(), (up - c_up).max()):.3g}")
+    gain = max((lo - c_lo).max(), (c_up - up).max())
+    assert gain > 1e-4, f"alpha_crown {option} changed no bound: the test is vacuous"
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_blocks_zero_steps_and_margins(self):
+    """Blocks do not change the result (each example's slopes are its own: Adam acts
+    per coordinate, the objective is a sum over examples); 0 steps is CROWN; the
+    margins are alpha-CROWN's rows j != y with 0 at j == y."""
+    model = TinyConv()
+    params = random_params(model, (6, 6, 1), seed=7)
+    x = jnp.asarray(nominal_inputs((6, 6, 1), 5, seed=7))
+    y = jnp.arange(5) % 3
+    margins = lambda block, alpha, method="alpha_crown": self.variant(
+        lambda x_, e_: linear.margin_lower_bounds(model.apply, params, x_, y, e_,
+                                                  method=method, alpha=alpha,
+                                                  batch_block=block))(x, jnp.float32(0.08))
+    for alpha in (linear.AlphaConfig(steps=5), linear.AlphaConfig(
+        steps=5, objective="min", per_row=True, optimize_intermediate=True)):
+      ref = margins(0, alpha)
+      chex.assert_trees_all_close(margins(2, alpha), ref, rtol=1e-5, atol=1e-5)
+      assert np.all(np.asarray(ref)[np.arange(5), np.asarray(y)] == 0.0)
+    crown = margins(0, None, "crown")
+    chex.assert_trees_all_close(margins(0, linear.AlphaConfig(steps=0)), crown,
+                                rtol=1e-6, atol=1e-6)
+
+  def test_bad_options(self):
+    model, params = _soundness_setup("mlp")
+    x = jnp.asarray(nominal_inputs(SOUNDNESS_MODELS["mlp"][1], 2, 0))
+    bad_configs = [dict(steps=-1), dict(steps=2.5), dict(lr=0.0), dict(lr=float("nan")),
+                   dict(objective="mean"), dict(per_row="yes"),
+                   dict(optimize_intermediate=1), dict(unroll=None)]
+    for kw in bad_configs:
+      with pytest.raises(ValueError, match="alpha"):
+        linear.AlphaConfig(**kw)
+    run = lambda **kw: linear.linear_bounds(model.apply, params, x, 0.05, **kw)
+    with pytest.raises(ValueError, match="alpha_crown"):
+      run(method="crown", alpha=linear.AlphaConfig())
+    with pytest.raises(ValueError, match="AlphaConfig"):
+      run(method="alpha_crown", alpha={"steps": 3})
+    with pytest.raises(ValueError, match="intermediate"):
+      run(method="alpha_crown", intermediate="projections", key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="optimize_intermediate"):
+      run(method="alpha_crown", intermediate="ibp",
+          alpha=linear.AlphaConfig(optimize_intermediate=True))
+    for name in ("alpha_crown", "α-CROWN", "alpha-crown"):
+      assert linear.canonical_method(name) == "alpha_crown"
+    assert certify_lib.canonical_certifier("α-CROWN+ibp") == "alpha_crown_intersect"
+    assert certify_lib.label("alpha_crown_intersect") == "α-CROWN ∩ IBP"
+
+
+@pytest.mark.parametrize("name", ["diag_mlp", "pixel_conv"])
+def test_sound_for_every_alpha(name):
+  """Any slopes, also outside [0, 1] (clipped by the relaxation), give sound bounds:
+  the output rows and every layer's intermediate bounds (dense and windowed passes) at
+  sampled points; slopes 0 and u / (u - l) reproduce zero's and fastlin's passes."""
+  fn, shape, eps = INTERSECT_MODELS[name]
+  params = _intersect_params(name, seed=1)
+  B = 3
+  x = nominal_inputs(shape, B, seed=2)
+  _, spec = _spec_rows(fn, params, x, seed=4)
+  iset = linear.make_input_set(jnp.asarray(x), eps, "linf", None, None)
+  tape = linear.record_tape(fn, params, iset)
+  bounds = linear.intermediate_bounds(tape, "crown", "linear")
+  relus = linear._relu_inputs(tape, tape.output)
+  rng = np.random.default_rng(0)
+  draw = lambda node: jnp.asarray(rng.uniform(-0.5, 1.5, node_shape(node)), jnp.float32)
+  node_shape = lambda node: linear.node_shape(tape, node)
+  A = jnp.asarray(spec).reshape((B, -1) + linear.node_shape(tape, tape.output)[1:])
+  vmin, _, tol = _sampled_values(fn, params, x, spec, eps, "linf", None)
+  for trial in range(3):
+    alphas = {n: draw(n) for n in relus}
+    low = np.asarray(linear.backward(tape, tape.output, A, bounds, "crown", alphas=alphas))
+    assert np.all(low <= vmin + tol), f"trial {trial}: unsound by {(low - vmin).max():.3g}"
+    clipped = {n: jnp.clip(a, 0, 1) for n, a in alphas.items()}
+    np.testing.assert_allclose(low, linear.backward(tape, tape.output, A, bounds, "crown",
+                                                    alphas=clipped), rtol=1e-6, atol=1e-6)
+  for method, slope in (("zero", lambda l, u: jnp.zeros_like(l)),
+                        ("fastlin", lambda l, u: u / jnp.where(u > l, u - l, 1.0))):
+    alphas = {n: slope(*bounds[n]) for n in relus}
+    np.testing.assert_allclose(
+        linear.backward(tape, tape.output, A, bounds, "crown", alphas=alphas),
+        linear.backward(tape, tape.output, A, bounds, method), rtol=1e-5, atol=1e-5)
+  # Intermediate bounds with random slopes per layer, against the sampled ReLU inputs.
+  pts = sample_points(x, eps, "linf", 600, seed=5)
+
+  def taps(xs):
+    out = []
+    fn(params, xs, out)
+    return out
+
+  sampled = jax.jit(taps)(jnp.asarray(pts.reshape((-1,) + shape), jnp.float32))
+  layer_alphas = {node: {n: draw(n) for n in linear._relu_inputs(tape, node)}
+                  for node, by_backward in linear._bounded_nodes(tape, "linear")
+                  if by_backward}
+  assert layer_alphas and any(layer_alphas.values())
+  for use_patches in (True, False):
+    got = linear.intermediate_bounds(tape, "crown", "linear", use_patches=use_patches,
+                                     alphas=layer_alphas)
+    order = [node for node, _ in linear._bounded_nodes(tape, "linear")]
+    assert len(order) == len(sampled)
+    for node, t in zip(order, sampled):
+      t = np.asarray(t).reshape((B, pts.shape[1]) + t.shape[1:])
+      helpers.assert_within(got[node][0], got[node][1], t.min(axis=1), t.max(axis=1),
+                            f"{name} node {node} patches={use_patches}", rtol=1e-4)

@@ -33,6 +33,11 @@ stable), and the output rows take the larger of the two lower bounds (the folded
 one, :func:`folded_lower_bounds`). Both are sound, so the result is sound and never
 looser than IBP; as auto_LiRPA does. The default (False) is the textbook method, whose
 numbers compare with CNN-Cert and the paper.
+
+``method="alpha_crown"`` (alpha-CROWN, Xu et al. 2021) makes the lower slope of every
+unstable ReLU a parameter in [0, 1] (sound for every value), starts from CROWN's choice
+and raises the output rows' bounds by projected Adam (:class:`AlphaConfig`,
+:func:`alpha_crown_lower_bounds`); each row keeps its best iterate, CROWN's included.
 """
 from __future__ import annotations
 
@@ -63,8 +68,10 @@ _METHOD_ALIASES = {
     "zero": "zero", "cnn-cert-zero": "zero", "cnn_cert_zero": "zero",
     "ibp": "ibp", "interval": "ibp",
     "crown_ibp": "crown_ibp", "crown-ibp": "crown_ibp",
+    "alpha_crown": "alpha_crown", "alpha-crown": "alpha_crown", "alphacrown": "alpha_crown",
+    "α-crown": "alpha_crown", "α_crown": "alpha_crown", "acrown": "alpha_crown",
 }
-METHODS = ("fastlin", "crown", "zero", "ibp", "crown_ibp")
+METHODS = ("fastlin", "crown", "zero", "ibp", "crown_ibp", "alpha_crown")
 
 # Default memory budget for one chunk of identity-specification rows (bytes).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -175,7 +182,8 @@ def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
 
 
 def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
-             stop_nodes: Optional[Dict[int, Tuple]] = None):
+             stop_nodes: Optional[Dict[int, Tuple]] = None,
+             alphas: Optional[Dict[int, jax.Array]] = None):
   """Lower bound of ``<A, value(target)>`` over the input set.
 
   Args:
@@ -186,10 +194,15 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     method: fastlin | crown | zero (ReLU lower slope).
     stop_nodes: {node: (l, u)}: concretize there with the interval instead of going on
       (IBP with folded specification).
+    alphas: optional {ReLU input node: (B, *shape(node))} lower slopes of the unstable
+      neurons, shared by the R rows (alpha-CROWN; clipped to [0, 1] by
+      :func:`relaxations.relu_relaxation`); they replace ``method``'s slope at those
+      nodes.
 
   Returns:
     (B, R) lower bounds.
   """
+  alphas = alphas or {}
   coeffs = {target: A}
   if isinstance(A, SharedRows):
     offset = jnp.zeros((A.batch, A.rows.shape[0]), A.rows.dtype)
@@ -227,7 +240,8 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
     node = entry.node
     l, u = bounds[node]
     if entry.kind == primitives.TAPE_RELU:
-      A_in, extra = relaxations.relu_step(A_out, l, u, entry.relu_const, method, DENSE)
+      A_in, extra = relaxations.relu_step(A_out, l, u, entry.relu_const, method, DENSE,
+                                          alphas.get(node))
       add(node, A_in)
     else:  # maxpool: the weights go back through the window selection
       weights, extra, onehots = relaxations.maxpool_weights(A_out, l, u, entry.eqn, DENSE)
@@ -286,8 +300,9 @@ def _exact_forward_nodes(tape: Tape) -> set:
   return set(depth)
 
 
-def _identity_bounds(tape, node, bounds, method, chunk_bytes):
-  """(l, u) of every element of ``node`` by backward passes, chunked by neurons."""
+def _identity_bounds(tape, node, bounds, method, chunk_bytes, alphas=None):
+  """(l, u) of every element of ``node`` by backward passes, chunked by neurons
+  (``alphas`` as in :func:`backward`, shared by the node's rows)."""
   value = nominal_of(tape, node)
   batch, shape = value.shape[0], value.shape[1:]
   n = int(np.prod(shape))
@@ -300,7 +315,7 @@ def _identity_bounds(tape, node, bounds, method, chunk_bytes):
     rows = jax.nn.one_hot(start + jnp.arange(chunk), n, dtype=value.dtype)
     rows = rows.reshape((chunk,) + shape)
     A = SharedRows(jnp.concatenate([rows, -rows]), batch)
-    low = backward(tape, node, A, bounds, method)
+    low = backward(tape, node, A, bounds, method, alphas=alphas)
     return low[:, :chunk], -low[:, chunk:]
 
   lo, up = relaxations.chunked_identity_bounds(one_chunk, n, chunk)
@@ -313,10 +328,24 @@ def intersect(a: Tuple, b: Tuple) -> Tuple:
   return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
+def _bounded_nodes(tape: Tape, intermediate: str) -> List[Tuple[int, bool]]:
+  """The nonlinearity inputs in execution order, each once, with whether
+  :func:`intermediate_bounds` computes its bounds by backward passes (False: taken from
+  the interval pass, for ``intermediate="ibp"`` and the nodes it bounds exactly)."""
+  exact = _exact_forward_nodes(tape) if intermediate == "linear" else set()
+  out: Dict[int, bool] = {}
+  for e in tape.entries:
+    if e.kind != primitives.TAPE_AFFINE and e.node not in out:
+      out[e.node] = intermediate == "linear" and e.node not in exact
+  return list(out.items())
+
+
 def intermediate_bounds(tape: Tape, method: str, intermediate: str,
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                         use_patches: bool = True,
-                        intersect_ibp: bool = False) -> Dict[int, Tuple]:
+                        intersect_ibp: bool = False,
+                        alphas: Optional[Dict[int, Dict[int, jax.Array]]] = None
+                        ) -> Dict[int, Tuple]:
   """Bounds of every nonlinearity input: {node: (lower, upper)}, each (B, *shape).
 
   Args:
@@ -329,25 +358,177 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
     intersect_ibp: intersect each linear bound with the tape's interval of the same node
       (:func:`intersect`) before the later layers use it. False: textbook CNN-Cert, the
       linear bounds as they are (see WORKSPACE.md).
+    alphas: optional {node: {ReLU input node: (B, *S) lower slopes}}: the slopes the
+      backward passes bounding ``node`` use (alpha-CROWN with optimised intermediate
+      bounds; sound for every value); the others use ``method``'s.
   """
   bounds: Dict[int, Tuple] = {}
-  exact = _exact_forward_nodes(tape) if intermediate == "linear" else set()
-  for e in tape.entries:
-    if e.kind == primitives.TAPE_AFFINE:
-      continue
-    node = e.node
-    if node in bounds:
-      continue
-    if intermediate == "ibp" or node in exact:
+  alphas = alphas or {}
+  for node, by_backward in _bounded_nodes(tape, intermediate):
+    if not by_backward:
       bounds[node] = interval_of(tape, node)
       continue
+    a = alphas.get(node)
     if use_patches and patches.supported(tape, node):
-      lu = patches.identity_bounds(tape, node, bounds, method, chunk_bytes)
+      lu = patches.identity_bounds(tape, node, bounds, method, chunk_bytes, a)
     else:
-      lu = _identity_bounds(tape, node, bounds, method, chunk_bytes)
+      lu = _identity_bounds(tape, node, bounds, method, chunk_bytes, a)
     bounds[node] = intersect(lu, interval_of(tape, node)) if intersect_ibp else lu
   return bounds
 
+
+# ------------------------------------------------------------------ alpha-CROWN
+
+ALPHA_OBJECTIVES = ("sum", "min")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaConfig:
+  """Options of alpha-CROWN (``method="alpha_crown"``; Xu et al. 2021, "Fast and complete").
+
+  The lower slope of every unstable ReLU is a free parameter ``alpha`` in [0, 1]
+  (:func:`relaxations.relu_relaxation`); every value gives a sound bound. They start at
+  CROWN's adaptive choice and are optimised by projected Adam (clipped to [0, 1] after
+  every update) to raise the output rows' lower bounds; each row keeps the best bound
+  of every iterate (CROWN's included), so the result is sound and never looser than
+  CROWN's with the same intermediate bounds.
+
+  Attributes:
+    steps: Adam steps (0: CROWN's bound). The bound is evaluated ``steps + 2`` times
+      (CROWN's, one per step, the last iterate), ``steps`` of them with gradients.
+    lr: Adam's learning rate (the slopes live in [0, 1]).
+    objective: what the steps maximise, per example: ``"sum"`` of its rows' lower bounds
+      (auto_LiRPA's default) or ``"min"``, its smallest row (the worst margin, what
+      certification needs; the gradient then reaches that row only).
+    per_row: one slope per specification row, ``(B, R, *S)`` per ReLU layer, instead of
+      one shared by the rows, ``(B, *S)`` (tighter, R times the parameters; each row's
+      backward pass is vmapped over the rows).
+    optimize_intermediate: also optimise separate slopes for the bounds of every
+      intermediate layer computed by backward passes (one set per such layer and per
+      ReLU layer before it, shared by the layer's neurons), recomputed at every step
+      (auto_LiRPA's ``optimize_bound_args``); the output bound's gradient reaches them
+      through the intermediate bounds. Sound for every value. Costs ``steps + 1``
+      intermediate passes with gradients instead of one without. Needs
+      ``intermediate="linear"``.
+    unroll: the steps as a Python loop (True) or a ``lax.fori_loop`` (False, default:
+      on XLA:CPU the loop ran faster here, 1.13 s against 1.72 s for 32 points of
+      small-s2, and compiled in 16 s against 37 s; WORKSPACE.md).
+  """
+  steps: int = 20
+  lr: float = 0.1
+  objective: str = "sum"
+  per_row: bool = False
+  optimize_intermediate: bool = False
+  unroll: bool = False
+
+  def __post_init__(self):
+    if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) \
+        or self.steps < 0:
+      raise ValueError(f"alpha steps must be an integer >= 0; got {self.steps!r}.")
+    if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.floating)) \
+        or not math.isfinite(self.lr) or self.lr <= 0:
+      raise ValueError(f"alpha lr must be a finite number > 0; got {self.lr!r}.")
+    if self.objective not in ALPHA_OBJECTIVES:
+      raise ValueError(f"alpha objective must be one of {', '.join(ALPHA_OBJECTIVES)}; got "
+                       f"{self.objective!r}.")
+    for name in ("per_row", "optimize_intermediate", "unroll"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise ValueError(f"alpha {name} must be True or False; got "
+                         f"{getattr(self, name)!r}.")
+
+
+def _relu_inputs(tape: Tape, target: int) -> Dict[int, Any]:
+  """{ReLU input node: its constant c} of the ReLUs a backward pass from ``target``
+  crosses (the nodes its slopes live on), in backward order."""
+  needed, out = {target}, {}
+  for e in reversed(tape.entries):
+    if e.out > target or e.out not in needed:
+      continue
+    needed.update(n for _, n in e.nodes())
+    if e.kind == primitives.TAPE_RELU:
+      out.setdefault(e.node, e.relu_const)
+  return out
+
+
+def _initial_alphas(tape: Tape, target: int, bounds: Dict[int, Tuple], rows=None):
+  """CROWN's slopes at every ReLU before ``target``: {node: (B, *S)}, or (B, rows, *S)."""
+  out = {}
+  for node, const in _relu_inputs(tape, target).items():
+    a = relaxations.initial_alpha(*bounds[node], const)
+    out[node] = a if rows is None else jnp.broadcast_to(
+        a[:, None], a.shape[:1] + (rows,) + a.shape[1:])
+  return out
+
+
+def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
+                             config: AlphaConfig, *,
+                             chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                             use_patches: bool = True,
+                             intersect_ibp: bool = False) -> jax.Array:
+  """alpha-CROWN's lower bounds of the rows ``A`` (B, R, *output_shape): (B, R).
+
+  Args:
+    tape: the recorded model.
+    A: the rows' coefficients at the output.
+    bounds: the intermediate bounds (CROWN's or IBP's, computed once): every iterate uses
+      them unless ``config.optimize_intermediate``, where they give the starting slopes
+      and the iterates recompute their own (layer by layer with their slopes, each
+      intersected with IBP's interval with ``intersect_ibp``).
+    config: the options (:class:`AlphaConfig`).
+    chunk_bytes, use_patches: as :func:`linear_bounds` (the intermediate passes).
+
+  Returns:
+    The element-wise maximum over the iterates of the row bounds: CROWN's (with
+    ``bounds``), one per Adam step, and the last. Each is sound (every slope in [0, 1]
+    is), so is their maximum, and it is never below CROWN's.
+  """
+  import optax  # pylint: disable=import-outside-toplevel
+  out = tape.output
+  rows = A.shape[1]
+  crown = backward(tape, out, A, bounds, "crown")
+  if config.steps == 0:
+    return crown
+  params = {"output": _initial_alphas(tape, out, bounds, rows if config.per_row else None)}
+  if config.optimize_intermediate:
+    params["layers"] = {node: _initial_alphas(tape, node, bounds)
+                        for node, by_backward in _bounded_nodes(tape, "linear")
+                        if by_backward}
+
+  def lower(alphas):
+    inter = bounds
+    if config.optimize_intermediate:
+      inter = intermediate_bounds(tape, "crown", "linear", chunk_bytes, use_patches,
+                                  intersect_ibp, alphas=alphas["layers"])
+    if not config.per_row:
+      return backward(tape, out, A, inter, "crown", alphas=alphas["output"])
+    # Row r's bound depends on its coefficients and slopes only: a pass per row.
+    one = lambda a, al: backward(tape, out, a[:, None], inter, "crown", alphas=al)[:, 0]
+    return jax.vmap(one, in_axes=(1, 1), out_axes=1)(A, alphas["output"])
+
+  def loss(alphas):
+    low = lower(alphas)
+    gain = jnp.sum(low) if config.objective == "sum" else jnp.sum(jnp.min(low, axis=1))
+    return -gain, low
+
+  opt = optax.adam(config.lr)
+  value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+  def step(carry):
+    alphas, state, best = carry
+    (_, low), grads = value_and_grad(alphas)
+    updates, state = opt.update(grads, state, alphas)
+    alphas = jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0),
+                                    optax.apply_updates(alphas, updates))
+    return alphas, state, jnp.maximum(best, low)
+
+  carry = (params, opt.init(params), crown)
+  if config.unroll:
+    for _ in range(config.steps):
+      carry = step(carry)
+  else:
+    carry = lax.fori_loop(0, config.steps, lambda _, c: step(c), carry)
+  alphas, _, best = carry
+  return jnp.maximum(best, lower(alphas))
 
 # ------------------------------------------------ random-projection estimates
 
@@ -475,7 +656,8 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, use_patches: bool = True,
                   upper: bool = True, num_projections: int = 50,
                   key: Optional[jax.Array] = None,
-                  batch_block: Optional[int] = None, intersect_ibp: bool = False) -> Bounds:
+                  batch_block: Optional[int] = None, intersect_ibp: bool = False,
+                  alpha: Optional[AlphaConfig] = None) -> Bounds:
   """Sound bounds of ``spec @ f(x')`` over the input set.
 
   Args:
@@ -484,9 +666,11 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
       :func:`dm_jax.core.input_sets.make_input_set`).
     spec: (B, R, K) or (R, K) rows; default the identity (per-logit bounds).
     method: fastlin (CNN-Cert-ReLU), crown (CNN-Cert-Ada), zero (CNN-Cert-Zero), ibp
-      (interval bounds with the spec folded into the last affine layer) or crown_ibp.
+      (interval bounds with the spec folded into the last affine layer), crown_ibp, or
+      alpha_crown (CROWN's relaxation with optimised lower slopes, see ``alpha``).
     intermediate: "linear" (layer by layer with the same method; default for
-      fastlin/crown/zero), "ibp" (interval intermediates; default for crown_ibp) or
+      fastlin/crown/zero, and CROWN's for alpha_crown), "ibp" (interval intermediates;
+      default for crown_ibp; with alpha_crown, alpha-CROWN-IBP) or
       "projections" (estimates of the Fast-Lin intermediate bounds by random Cauchy
       projections, Wong et al. 2018; l-inf, ReLU networks; for training only: the
       result is then an estimate, not a sound bound).
@@ -506,6 +690,9 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
       the output bound and IBP's folded one (sound, never looser than IBP; see the
       module docstring). A no-op for ibp and crown_ibp (their intermediates are IBP's).
       False (default): the textbook method.
+    alpha: alpha_crown's options (:class:`AlphaConfig`; None: its defaults, 20 steps);
+      a ValueError with another method. With ``upper`` the upper rows are ``-spec``'s
+      lower rows and share the slopes unless ``alpha.per_row``.
 
   Returns:
     Bounds with (B, R) lower and upper.
@@ -514,7 +701,8 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                             spec=spec, method=method, intermediate=intermediate,
                             chunk_bytes=chunk_bytes, use_patches=use_patches, upper=upper,
                             num_projections=num_projections, key=key,
-                            batch_block=batch_block, intersect_ibp=intersect_ibp)
+                            batch_block=batch_block, intersect_ibp=intersect_ibp,
+                            alpha=alpha)
 
 
 def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
@@ -524,7 +712,8 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
                        upper: bool = True, num_projections: int = 50,
                        key: Optional[jax.Array] = None,
                        batch_block: Optional[int] = None,
-                       intersect_ibp: bool = False) -> Bounds:
+                       intersect_ibp: bool = False,
+                       alpha: Optional[AlphaConfig] = None) -> Bounds:
   """:func:`linear_bounds` over a built (validated) input set: (B, R) bounds."""
   method = canonical_method(method)
   batch = iset.x.shape[0]
@@ -538,9 +727,10 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
   if intersect_ibp and intermediate == "projections":
     raise ValueError("intersect_ibp applies to exact intermediate bounds "
                      "(intermediate='linear'); projections are estimates for training.")
+  alpha = _check_alpha(method, intermediate, alpha)
   kwargs = dict(method=method, intermediate=intermediate, chunk_bytes=chunk_bytes,
                 use_patches=use_patches, upper=upper, num_projections=num_projections,
-                intersect_ibp=bool(intersect_ibp))
+                intersect_ibp=bool(intersect_ibp), alpha=alpha)
   if not batch_block or batch <= batch_block:
     return _linear_bounds(apply_fn, params, iset, spec, key=key, **kwargs)
 
@@ -552,11 +742,31 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
   return _blocked(block_bounds, iset, spec, int(batch_block))
 
 
+def _check_alpha(method: str, intermediate: Optional[str],
+                 alpha: Optional[AlphaConfig]) -> Optional[AlphaConfig]:
+  """alpha_crown's options, validated (defaults for None); None for the other methods."""
+  if method != "alpha_crown":
+    if alpha is not None:
+      raise ValueError(f"alpha options apply to method='alpha_crown'; got method {method!r}.")
+    return None
+  if alpha is None:
+    alpha = AlphaConfig()
+  if not isinstance(alpha, AlphaConfig):
+    raise ValueError(f"alpha must be a linear.AlphaConfig or None; got {alpha!r}.")
+  if intermediate not in (None, "linear", "ibp"):
+    raise ValueError("alpha_crown needs exact intermediate bounds (intermediate='linear' "
+                     f"or 'ibp'); got {intermediate!r}.")
+  if alpha.optimize_intermediate and intermediate == "ibp":
+    raise ValueError("alpha optimize_intermediate optimises the linear intermediate "
+                     "bounds; it needs intermediate='linear' (the default), not 'ibp'.")
+  return alpha
+
+
 # Examples per block on CPU (measured with benchmarks/certify_bench.py on a 2-core x86
 # CPU, small-s2 CNN, batch 256; docs/benchmarks.md): unblocked, the coefficient tensors
 # of large batches outgrow the caches and full CROWN ran at 132 points/s in 2.2 GB,
 # CROWN-IBP at 3,200 points/s; blocked, 200+ and 7,000. Accelerators want whole batches.
-CPU_BATCH_BLOCK = {"fastlin": 4, "crown": 4, "zero": 4, "crown_ibp": 32}
+CPU_BATCH_BLOCK = {"fastlin": 4, "crown": 4, "zero": 4, "crown_ibp": 32, "alpha_crown": 4}
 
 
 def default_batch_block(method: str, intermediate: Optional[str] = None) -> int:
@@ -602,7 +812,7 @@ def _blocked(fn, iset: InputSet, spec, block: int) -> Bounds:
 
 def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermediate,
                    chunk_bytes, use_patches, upper, num_projections, key,
-                   intersect_ibp) -> Bounds:
+                   intersect_ibp, alpha) -> Bounds:
   """:func:`linear_bounds` on one block's input set (arguments validated there)."""
   tape = record_tape(apply_fn, params, iset)
   out_lo, _ = interval_of(tape, tape.output)
@@ -622,7 +832,7 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
   if method == "ibp":
     low = folded_lower_bounds(tape, A)
   else:
-    relax = "crown" if method == "crown_ibp" else method
+    relax = "crown" if method in ("crown_ibp", "alpha_crown") else method
     if intermediate is None:
       intermediate = "ibp" if method == "crown_ibp" else "linear"
     if intermediate == "projections":
@@ -638,7 +848,11 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
     else:
       raise ValueError("intermediate must be 'linear', 'ibp' or 'projections'; got "
                        f"{intermediate!r}.")
-    low = backward(tape, tape.output, A, bounds, relax)
+    if method == "alpha_crown":
+      low = alpha_crown_lower_bounds(tape, A, bounds, alpha, chunk_bytes=chunk_bytes,
+                                     use_patches=use_patches, intersect_ibp=intersect_ibp)
+    else:
+      low = backward(tape, tape.output, A, bounds, relax)
     if intersect_ibp and intermediate == "linear":
       # The output rows too: IBP's (folded) bound of the same rows, over the same tape.
       low = jnp.maximum(low, folded_lower_bounds(tape, A))
@@ -654,15 +868,16 @@ def margin_lower_bounds(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Ar
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES, num_projections: int = 50,
                         key: Optional[jax.Array] = None,
                         batch_block: Optional[int] = None,
-                        intersect_ibp: bool = False) -> jax.Array:
+                        intersect_ibp: bool = False,
+                        alpha: Optional[AlphaConfig] = None) -> jax.Array:
   """Lower bounds of ``f_y(x') - f_j(x')`` over the set: (B, K), 0 at j == y.
 
-  Arguments as :func:`linear_bounds`.
+  Arguments as :func:`linear_bounds` (alpha_crown optimises the K - 1 rows j != y).
   """
   return margin_lower_bounds_over(
       apply_fn, params, make_input_set(x, eps, norm, k, domain), y, method=method,
       intermediate=intermediate, chunk_bytes=chunk_bytes, num_projections=num_projections,
-      key=key, batch_block=batch_block, intersect_ibp=intersect_ibp)
+      key=key, batch_block=batch_block, intersect_ibp=intersect_ibp, alpha=alpha)
 
 
 def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
@@ -671,7 +886,8 @@ def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
                              chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                              num_projections: int = 50, key: Optional[jax.Array] = None,
                              batch_block: Optional[int] = None,
-                             intersect_ibp: bool = False) -> jax.Array:
+                             intersect_ibp: bool = False,
+                             alpha: Optional[AlphaConfig] = None) -> jax.Array:
   """:func:`margin_lower_bounds` over a built (validated) input set: (B, K)."""
   y = jnp.asarray(y)
   x = iset.x
@@ -686,7 +902,7 @@ def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
   b = linear_bounds_over(apply_fn, params, iset, spec=spec, method=method,
                          intermediate=intermediate, chunk_bytes=chunk_bytes, upper=False,
                          num_projections=num_projections, key=key, batch_block=batch_block,
-                         intersect_ibp=intersect_ibp)
+                         intersect_ibp=intersect_ibp, alpha=alpha)
   rows = jnp.arange(x.shape[0])[:, None]
   return jnp.zeros((x.shape[0], num_classes), b.lower.dtype).at[rows, others].set(b.lower)
 
@@ -704,9 +920,11 @@ def relu_input_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                       chunk_bytes: int = DEFAULT_CHUNK_BYTES, intersect_ibp: bool = False
                       ) -> List[Tuple[jax.Array, jax.Array]]:
   """Bounds (lower, upper) of every ReLU input, in execution order, with ``method``'s
-  intermediate bounds (layer by layer; ``ibp``/``crown_ibp`` give interval bounds), each
-  intersected with IBP's interval with ``intersect_ibp``."""
+  intermediate bounds (layer by layer; ``ibp``/``crown_ibp`` give interval bounds,
+  ``alpha_crown`` CROWN's, those its default fixes), each intersected with IBP's
+  interval with ``intersect_ibp``."""
   method = canonical_method(method)
+  method = "crown" if method == "alpha_crown" else method
   iset = make_input_set(x, eps, norm, k, domain)
   tape = record_tape(apply_fn, params, iset)
   relax = "crown" if method in ("crown_ibp", "ibp") else method

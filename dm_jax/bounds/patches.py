@@ -172,10 +172,12 @@ def _layout(patch: Patch, out_hw) -> relaxations.Layout:
                             dot=lambda A, t: _win_sum(A, win(t)), lead=4)
 
 
-def backward_patches(tape, target, A0: Patch, bounds, method):
+def backward_patches(tape, target, A0: Patch, bounds, method, alphas=None):
   """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like
   dm_jax.bounds.linear's dense ``backward``, with the same steps
-  (:mod:`dm_jax.bounds.relaxations`) over the windowed layout."""
+  (:mod:`dm_jax.bounds.relaxations`) over the windowed layout. ``alphas``: optional
+  {ReLU input node: (B, *S) lower slopes} (alpha-CROWN), shared by every row."""
+  alphas = alphas or {}
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
   offset = jnp.zeros(A0.A.shape[:4], A0.A.dtype)
@@ -193,7 +195,8 @@ def backward_patches(tape, target, A0: Patch, bounds, method):
     if e.kind == primitives.TAPE_RELU:
       (_, node), = nodes
       l, u = bounds[node]
-      A, extra = relaxations.relu_step(patch.A, l, u, e.relu_const, method, layout)
+      A, extra = relaxations.relu_step(patch.A, l, u, e.relu_const, method, layout,
+                                       alphas.get(node))
       offset = offset + extra
       add(node, Patch(A, patch.K, patch.S, patch.P))
     elif e.kind == primitives.TAPE_MAXPOOL:
@@ -260,8 +263,9 @@ def concretize(patch: Patch, out_hw, iset):
   return relaxations.concretize_input(A, iset, layout)
 
 
-def identity_bounds(tape, target, bounds, method, chunk_bytes: int):
-  """(l, u) of every element of the NHWC node ``target`` in patch form."""
+def identity_bounds(tape, target, bounds, method, chunk_bytes: int, alphas=None):
+  """(l, u) of every element of the NHWC node ``target`` in patch form (``alphas`` as
+  in :func:`backward_patches`, shared by the node's rows)."""
   ref = nominal_of(tape, target)
   b, h, w, c = ref.shape
   # Rows: +e_c (lower bounds) and -e_c (upper bounds), chunked over channels for memory.
@@ -273,7 +277,8 @@ def identity_bounds(tape, target, bounds, method, chunk_bytes: int):
     eye = jax.nn.one_hot(start + jnp.arange(chunk), c, dtype=ref.dtype)  # (chunk, c)
     rows = jnp.concatenate([eye, -eye])
     A = jnp.broadcast_to(rows[None, None, None, :, None, None, :], (b, h, w, 2 * chunk, 1, 1, c))
-    low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method)
+    low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
+                           alphas)
     return low[..., :chunk], -low[..., chunk:]
 
   return relaxations.chunked_identity_bounds(one, c, chunk)

@@ -41,34 +41,53 @@ def relu_constant(const, like):
   return jnp.broadcast_to(jnp.asarray(const, like.dtype), like.shape)
 
 
-def relu_relaxation(l, u, const, method):
+def relu_relaxation(l, u, const, method, alpha=None):
   """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``.
 
   ``const`` is the ReLU's c as recorded; for a known zero ``lo_b`` is None (it is 0).
+  ``alpha`` (optional, broadcastable to ``l``'s shape (B, *S)): the lower slopes of the
+  unstable neurons, clipped to [0, 1] (alpha-CROWN's free parameters); it replaces
+  ``method``'s choice there. Every slope in [0, 1] gives a sound lower line
+  (``y >= x`` and ``y >= 0`` hold on the whole interval, so does any convex combination),
+  hence the bound is sound for every ``alpha``.
   """
   c = relu_constant(const, l)
   if c is None:
-    lo_s, up_s, up_b = _relu_relaxation_at_zero(l, u, method)
+    lo_s, up_s, up_b = _relu_relaxation_at_zero(l, u, method, alpha)
     return lo_s, None, up_s, up_b
-  lo_s, up_s, up_b = _relu_relaxation_at_zero(l - c, u - c, method)
+  lo_s, up_s, up_b = _relu_relaxation_at_zero(l - c, u - c, method, alpha)
   # y - c = relu(x - c): shift back by c.
   return lo_s, c - lo_s * c, up_s, up_b + c - up_s * c
 
 
-def _relu_relaxation_at_zero(lc, uc, method):
-  """``(lo_s, up_s, up_b)`` of ``relu`` on ``[lc, uc]`` (its lower intercept is 0)."""
+def _relu_relaxation_at_zero(lc, uc, method, alpha=None):
+  """``(lo_s, up_s, up_b)`` of ``relu`` on ``[lc, uc]`` (its lower intercept is 0).
+
+  The one rule of the lower slope of every linear method: stable neurons take their
+  exact slope (0 or 1); unstable ones ``uc / (uc - lc)`` (fastlin), ``1[uc >= -lc]``
+  (crown), 0 (zero), or ``clip(alpha, 0, 1)`` when ``alpha`` is given (alpha-CROWN).
+  """
   active, inactive = lc >= 0, uc <= 0
   unstable = ~(active | inactive)
   denom = jnp.where(unstable, uc - lc, 1.0)
   slope = jnp.where(unstable, uc / denom, active.astype(lc.dtype))
   up_b_rel = jnp.where(unstable, -slope * lc, 0.0)
-  if method == "fastlin":
-    alpha = slope
+  if alpha is not None:
+    lower = jnp.where(unstable, jnp.clip(jnp.asarray(alpha, lc.dtype), 0.0, 1.0), slope)
+  elif method == "fastlin":
+    lower = slope
   elif method == "crown":
-    alpha = jnp.where(unstable, (uc >= -lc).astype(lc.dtype), slope)
+    lower = jnp.where(unstable, (uc >= -lc).astype(lc.dtype), slope)
   else:  # zero
-    alpha = jnp.where(unstable, 0.0, slope)
-  return alpha, slope, up_b_rel
+    lower = jnp.where(unstable, 0.0, slope)
+  return lower, slope, up_b_rel
+
+
+def initial_alpha(l, u, const):
+  """alpha-CROWN's starting lower slopes (B, *S) of ``max(x, c)`` on ``[l, u]``: CROWN's
+  adaptive choice (1 where ``u - c >= c - l``, else 0; the exact slope where stable), so
+  that the first iterate is CROWN's bound."""
+  return relu_relaxation(l, u, const, "crown")[0]
 
 
 def window_slices(eqn, t, fill):
@@ -132,14 +151,15 @@ def _dense_dot(A, t):
 DENSE = Layout(lift=lambda t: t[:, None], dot=_dense_dot, lead=2)
 
 
-def relu_step(A, l, u, const, method: str, layout: Layout):
+def relu_step(A, l, u, const, method: str, layout: Layout, alpha=None):
   """Backward step through ``y = max(x, c)`` with pre-activation bounds ``[l, u]``.
 
   Returns ``(A_x, offset)``: the coefficients of x (``A``'s layout) and the bound's
   constant part (``A.shape[:lead]``), from the lower line where a coefficient is >= 0
-  and the upper line where it is < 0 (``method``'s lower slope for unstable neurons).
+  and the upper line where it is < 0 (``method``'s lower slope for unstable neurons, or
+  ``alpha``'s (B, *S), see :func:`relu_relaxation`).
   """
-  lo_s, lo_b, up_s, up_b = relu_relaxation(l, u, const, method)
+  lo_s, lo_b, up_s, up_b = relu_relaxation(l, u, const, method, alpha)
   # = pos * lo_s + neg * up_s (pos/neg the parts of A) with one select instead of two
   # materialised parts: fewer passes over the coefficients, under grad too.
   take_lower = A >= 0

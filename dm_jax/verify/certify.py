@@ -4,8 +4,10 @@ ReLU stability counts.
 A point is certified at eps when it is classified correctly and a sound lower bound of
 ``f_y - f_j`` over the input set is > 0 for every ``j != y`` (SPEC.md, Certification).
 Methods (:data:`CERTIFY_METHODS`): ``ibp`` (last layer folded), ``crown_ibp``,
-``fastlin`` (CNN-Cert-ReLU), ``crown`` (CNN-Cert-Ada), ``zero`` (CNN-Cert-Zero), their
-IBP-intersected versions ``fastlin_intersect``, ``crown_intersect``, ``zero_intersect``
+``fastlin`` (CNN-Cert-ReLU), ``crown`` (CNN-Cert-Ada), ``zero`` (CNN-Cert-Zero),
+``alpha_crown`` (α-CROWN: CROWN with optimised lower slopes; options
+``linear.AlphaConfig``, the ``alpha`` argument), their IBP-intersected versions
+``fastlin_intersect``, ``crown_intersect``, ``zero_intersect``, ``alpha_crown_intersect``
 (every intermediate bound intersected with IBP's, ``linear.linear_bounds(...,
 intersect_ibp=True)``; also written ``<method>+ibp``), ``mip`` (exact, small nets
 only) and ``pipeline`` (:mod:`dm_jax.verify.pipeline`: certifiers in turn on the points
@@ -33,7 +35,7 @@ from dm_jax.bounds.interval import interval_bounds
 
 # The linear certifiers with layer-by-layer intermediate bounds, which the intersection
 # with IBP's intervals applies to, and the name suffix of their intersected versions.
-LINEAR_CERTIFIERS = ("fastlin", "crown", "zero")
+LINEAR_CERTIFIERS = ("fastlin", "crown", "zero", "alpha_crown")
 INTERSECT_SUFFIX = "_intersect"
 _INTERSECT_SUFFIXES = (INTERSECT_SUFFIX, "-intersect", "+ibp")
 INTERSECTED = tuple(m + INTERSECT_SUFFIX for m in LINEAR_CERTIFIERS)
@@ -73,20 +75,25 @@ def intersected(certifier: str) -> Optional[str]:
   return certifier + INTERSECT_SUFFIX if certifier in LINEAR_CERTIFIERS else None
 
 
-# The textbook rows whose intersected versions the "best" row adds. Not zero: Zero's
-# bounds are never looser than IBP's at any layer (Appendix K; tests/test_linear.py
-# checks the intersection changes nothing there), so zero_intersect equals zero.
-_BEST_INTERSECTED = ("fastlin", "crown")
+# The rows whose intersected versions the "best" row adds. Not zero: Zero's bounds are
+# never looser than IBP's at any layer (Appendix K; tests/test_linear.py checks the
+# intersection changes nothing there), so zero_intersect equals zero.
+_BEST_INTERSECTED = ("fastlin", "crown", "alpha_crown")
+
+
+def uses_alpha(certifier: str) -> bool:
+  """Whether a canonical certifier name is alpha-CROWN (plain or intersected)."""
+  return linear_options(certifier)[0] == "alpha_crown"
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_margin_fn(apply_fn, certifier, chunk_bytes):
+def _compiled_margin_fn(apply_fn, certifier, chunk_bytes, alpha=None):
   method, intersect_ibp = linear_options(certifier)
 
   def fn(params, iset, y):
     lb = linear.margin_lower_bounds_over(apply_fn, params, iset, y, method=method,
                                          chunk_bytes=chunk_bytes,
-                                         intersect_ibp=intersect_ibp)
+                                         intersect_ibp=intersect_ibp, alpha=alpha)
     correct = jnp.argmax(apply_fn(params, iset.x), axis=-1) == y
     return linear.worst_margin(lb, y), correct
   return jax.jit(fn)
@@ -123,15 +130,16 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
             k: Optional[int] = None, domain=None, batch_size: int = 256,
             chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES, progress: bool = False,
             mip_time_limit: float = 60.0, pipeline: Optional[Dict] = None,
-            mesh=None) -> Tuple[np.ndarray, np.ndarray]:
+            mesh=None,
+            alpha: Optional[linear.AlphaConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
   """Certifies N points at radius ``eps`` (scalar or (N,) per point).
 
   Args:
     apply_fn, params: the model.
     x: (N, ...) inputs; y: (N,) labels.
     eps: scalar or (N,).
-    method: ibp | crown_ibp | fastlin (relu) | crown (ada) | zero, a linear one's
-      IBP-intersected version (``crown_intersect``, ...), mip, or pipeline.
+    method: ibp | crown_ibp | fastlin (relu) | crown (ada) | zero | alpha_crown, a
+      linear one's IBP-intersected version (``crown_intersect``, ...), mip, or pipeline.
     batch_size: points per compiled call (the last chunk is padded, so one compile).
     mip_time_limit: seconds per MILP (one per point and class) of ``mip`` (also the
       pipeline's mip stage).
@@ -141,6 +149,9 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
       times) is ``verify_points``' result.
     mesh: optional :func:`dm_jax.sharding.data_mesh`: each chunk's points are split over
       its devices (data parallel; the chunk is rounded up to a multiple of them).
+    alpha: alpha-CROWN's options (``linear.AlphaConfig``: steps, lr, ...; None: its
+      defaults) for the alpha_crown certifiers; the other certifiers ignore it (so one
+      table can pass it to every row).
 
   Returns:
     (certified (N,) bool, margin_lower (N,) float): the lower bound of
@@ -177,7 +188,10 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     cert, lower = mip.exact_certify(apply_fn, params, x, y, float(eps_arr[0]), norm,
                                     domain=domain, time_limit=mip_time_limit)
     return np.asarray(cert), np.asarray(lower)
-  fn = _compiled_margin_fn(apply_fn, method, chunk_bytes)
+  if alpha is not None and not isinstance(alpha, linear.AlphaConfig):
+    raise ValueError(f"alpha must be a linear.AlphaConfig or None; got {alpha!r}.")
+  fn = _compiled_margin_fn(apply_fn, method, chunk_bytes,
+                           alpha if uses_alpha(method) else None)
   # A power of two no larger than batch_size: subsets of any size (the table's
   # monotone pass) reuse a few compiled shapes; the last chunk is padded.
   batch_size = min(batch_size, 1 << (n - 1).bit_length())
@@ -224,7 +238,7 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
     methods: certifiers (rows), see :func:`certify`. The textbook rows (fastlin, crown,
       zero) keep their plain numbers (those of CNN-Cert and the paper).
     best_intersect: the "best" row also counts the IBP-intersected versions of the
-      textbook fastlin and crown rows (``crown`` -> ``crown_intersect``; zero's would
+      fastlin, crown and alpha_crown rows (``crown`` -> ``crown_intersect``; zero's would
       equal zero), run only on the points no row certified. They are sound, so "best"
       stays the union of sound certificates; the intersected bound is never looser than
       IBP's, and usually (not always: tighter intermediate bounds change the relaxations'
@@ -244,7 +258,7 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
       certificate at eps holds at every smaller eps), so this changes no number and
       saves the work on points already lost; it can only under-report, never
       certify a point without checking it. ``False`` checks every point at every eps.
-    **kw: passed to :func:`certify` (``batch_size``, ``domain``, ``k``, ...).
+    **kw: passed to :func:`certify` (``batch_size``, ``domain``, ``k``, ``alpha``, ...).
 
   Returns:
     dict with ``eps`` (list), ``rows`` {method: [accuracy per eps]} including "best"
@@ -505,8 +519,8 @@ def pgd_search(apply_fn, params, x, y, eps, norm="linf", *, steps: int = 50,
 
 
 _LABELS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "fastlin": "CNN-Cert-ReLU",
-           "crown": "CNN-Cert-Ada", "zero": "CNN-Cert-Zero", "mip": "MIP (exact)",
-           "best": "best (union)", "pipeline": "pipeline: certified"}
+           "crown": "CNN-Cert-Ada", "zero": "CNN-Cert-Zero", "alpha_crown": "α-CROWN",
+           "mip": "MIP (exact)", "best": "best (union)", "pipeline": "pipeline: certified"}
 _LABELS.update({intersected(m): _LABELS[m] + " ∩ IBP" for m in LINEAR_CERTIFIERS})
 
 
