@@ -852,6 +852,7 @@ ALPHA_OPTIONS = {
     "inter": linear.AlphaConfig(optimize_intermediate=True),
     "inter_row": linear.AlphaConfig(optimize_intermediate=True, per_row=True, steps=10),
     "unroll": linear.AlphaConfig(steps=4, unroll=True),
+    "ibp": linear.AlphaConfig(),  # with intermediate="ibp" (alpha-CROWN-IBP)
 }
 
 
@@ -898,7 +899,8 @@ class AlphaCrownTest(chex.TestCase):
                             ("small", "linf", "inter", True),
                             ("mlp", "l1", "per_row", True),
                             ("resnet", "linf_box", "default", False),
-                            ("mlp", "linf", "unroll", False))
+                            ("mlp", "linf", "unroll", False),
+                            ("small", "linf_box", "ibp", False))
   def test_sound_and_never_looser_than_crown(self, name, set_name, option, intersect):
     _, shape, e_inf, e_2, e_1, _ = SOUNDNESS_MODELS[name]
     model, params = _soundness_setup(name)
@@ -909,10 +911,12 @@ class AlphaCrownTest(chex.TestCase):
     x = nominal_inputs(shape, 2, seed=7)
     _, spec = _spec_rows(apply_fn, params, x, seed=3)
 
+    inter = "ibp" if option == "ibp" else None
+
     def bounds(method, alpha=None):
       run = lambda x_, e_: linear.linear_bounds(
           apply_fn, params, x_, e_, norm, spec=jnp.asarray(spec), method=method,
-          domain=domain, intersect_ibp=intersect, alpha=alpha)
+          domain=domain, intersect_ibp=intersect, alpha=alpha, intermediate=inter)
       b = self.variant(run)(jnp.asarray(x), jnp.float32(eps))
       return np.asarray(b.lower, np.float64), np.asarray(b.upper, np.float64)
 
@@ -920,7 +924,7 @@ class AlphaCrownTest(chex.TestCase):
     vmin, vmax, tol = _sampled_values(apply_fn, params, x, spec, eps, norm, domain)
     assert np.all(lo <= vmin + tol) and np.all(up >= vmax - tol), (
         f"alpha_crown {option}: unsound by {max((lo - vmin).max(), (vmax - up).max()):.3g}")
-    c_lo, c_up = bounds("crown")
+    c_lo, c_up = bounds("crown" if inter is None else "crown_ibp")
     slack = 1e-5 * (1 + np.abs(c_lo) + np.abs(c_up))
     assert np.all(lo >= c_lo - slack) and np.all(up <= c_up + slack), (
         f"looser than CROWN by {max((c_lo - lo).max(), (up - c_up).max()):.3g}")

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 
 from dm_jax.bounds import patches, relaxations
@@ -482,7 +483,6 @@ def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
     ``bounds``), one per Adam step, and the last. Each is sound (every slope in [0, 1]
     is), so is their maximum, and it is never below CROWN's.
   """
-  import optax  # pylint: disable=import-outside-toplevel
   out = tape.output
   rows = A.shape[1]
   crown = backward(tape, out, A, bounds, "crown")
@@ -529,6 +529,7 @@ def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
     carry = lax.fori_loop(0, config.steps, lambda _, c: step(c), carry)
   alphas, _, best = carry
   return jnp.maximum(best, lower(alphas))
+
 
 # ------------------------------------------------ random-projection estimates
 
