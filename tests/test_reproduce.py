@@ -89,7 +89,7 @@ def test_list_estimates_from_measured_step_times(tmp_path):
   cache.write_text(json.dumps({
       "mnist/small/normal/100": 10.0, "_machine": {"model": "test cpu"}}))
   r = _run(["--list", "--table=table2_mnist", f"--workdir={tmp_path}",
-            f"--step_times={cache}"], timeout=120)
+            f"--step_times={cache}", f"--results_dir={tmp_path / 'results'}"], timeout=120)
   assert r.returncode == 0, r.stderr
   line = next(l for l in r.stdout.splitlines() if " normal " in l)
   # 100 epochs of 600 steps at 10 ms: 600 s = 0.17 h.
