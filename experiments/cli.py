@@ -1,9 +1,13 @@
 """What every experiment entry point does around its work: bad input is one
-``error: ...`` line on stderr and exit status 1, never a traceback."""
+``error: ...`` line on stderr and exit status 1, never a traceback; and what the drivers
+of several runs (recipe_search, reproduce) read the same way: names picked from a flag,
+a run's training time."""
 from __future__ import annotations
 
+import json
 import sys
-from typing import Callable, Sequence, Tuple, Type
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple, Type
 
 from absl import flags
 
@@ -30,3 +34,27 @@ def run_main(argv: Sequence[str], run: Callable[[], None],
     run()
   except (errors or user_errors()) as e:
     sys.exit(f"error: {' '.join(str(e).split())}")
+
+
+def select_names(text: str, known: Sequence[str], what: str) -> List[str]:
+  """The comma-separated names of ``text`` (a flag's value), each one of ``known``;
+  ValueError naming the unknown ones and ``what`` they should be."""
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise ValueError(f"unknown {what} {', '.join(unknown)}; expected some of "
+                     f"{', '.join(known)}")
+  return names
+
+
+def read_metrics(workdir: Path) -> List[Dict]:
+  """The run's ``metrics.jsonl`` records (one per epoch); [] before the first epoch."""
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def train_seconds(records: Sequence[Dict]) -> float:
+  """Training wall time over all (resumed) invocations: the epochs' own wall times."""
+  return sum(r.get("epoch_time_s", 0.0) for r in records)

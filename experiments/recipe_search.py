@@ -108,12 +108,7 @@ def _selected(stage: str) -> Sequence[str]:
   recipes = STAGES[stage][3]
   if not FLAGS.only:
     return list(recipes)
-  names = [n.strip() for n in FLAGS.only.split(",") if n.strip()]
-  unknown = [n for n in names if n not in recipes]
-  if unknown:
-    raise ValueError(f"unknown recipe(s) {', '.join(unknown)} in stage {stage!r}; "
-                     f"expected some of {', '.join(recipes)}")
-  return names
+  return cli.select_names(FLAGS.only, list(recipes), f"recipe(s) in stage {stage!r}:")
 
 
 def _row(stage: str, recipe: str, root: Path) -> Dict[str, object]:
@@ -127,12 +122,10 @@ def _row(stage: str, recipe: str, root: Path) -> Dict[str, object]:
   info = json.loads(cert.read_text())
   table = info["table"]
   grid = [float(e) for e in info["eps_grid"]]
-  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
-             if l.strip()]
-  # Training time over all (resumed) invocations: the epochs' own wall times.
+  records = cli.read_metrics(workdir)
   out.update(status="done", clean=table.get("clean"),
              test_acc_10k=records[-1].get("test_acc") if records else None,
-             train_time_s=sum(r.get("epoch_time_s", 0.0) for r in records))
+             train_time_s=cli.train_seconds(records))
   rows = dict(table["rows"], **({"pgd": table["pgd"]} if "pgd" in table else {}))
   for name, values in rows.items():
     for e in eps_cols:

@@ -421,12 +421,23 @@ def bench_entry(table: Table, cell: Cell) -> str:
   return method + "[" + ";".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
 
 
+def _batch(table: Table, cell: Cell) -> int:
+  """The cell's batch size: its flag, else the script's default (experiments/mnist.py:
+  100; cifar10.py and gtsrb.py: 50; their DEFAULTS cannot be imported beside this
+  driver's flags)."""
+  return int(_flag_value([*table.common, *cell.flags], "batch_size")
+             or (100 if table.script == "mnist" else 50))
+
+
+def _step_time_key(table: Table, cell: Cell) -> str:
+  """The cell's entry in the step-time cache: ``dataset/arch/method entry/batch``."""
+  return f"{table.script}/{_arch(table, cell)}/{bench_entry(table, cell)}/{_batch(table, cell)}"
+
+
 def cell_steps(table: Table, cell: Cell) -> int:
   """Training steps of a full-budget training cell."""
-  argv = [*table.common, *cell.flags]
-  batch = int(_flag_value(argv, "batch_size") or (100 if table.script == "mnist" else 50))
   epochs = cell.epochs or table.epochs
-  return epochs * math.ceil(TRAIN_EXAMPLES[table.script] / batch)
+  return epochs * math.ceil(TRAIN_EXAMPLES[table.script] / _batch(table, cell))
 
 
 def _arch(table: Table, cell: Cell) -> str:
@@ -434,19 +445,20 @@ def _arch(table: Table, cell: Cell) -> str:
       "pureconv" if table.script == "gtsrb" else "small")
 
 
-def measure_step_ms(keys: Sequence[Tuple[str, str, str, int]], cache: Path
-                    ) -> Dict[str, float]:
-  """ms per training step of each ``(dataset, arch, method entry, batch)``, measured by
+def measure_step_ms(keys: Sequence[str], cache: Path) -> Dict[str, float]:
+  """ms per training step of each key (:func:`_step_time_key`), measured by
   benchmarks.train_bench (one subprocess each) unless cached in ``cache``."""
   from benchmarks.certify_bench import machine_info, run_worker
+  from benchmarks.train_bench import SLOW_METHODS, parse_method
   known = json.loads(cache.read_text()) if cache.exists() else {}
-  for dataset, arch, entry, batch in keys:
-    key = f"{dataset}/{arch}/{entry}/{batch}"
+  for key in keys:
     if key in known:
       continue
-    slow = entry.split("[")[0] in ("adv", "trades", "mmr", "crown_ibp", "bounded") or (
-        "adv=true" in entry)
-    r = run_worker("benchmarks.train_bench", dict(arch=arch, batch=batch, method=entry,
+    dataset, arch, rest = key.split("/", 2)
+    entry, batch = rest.rsplit("/", 1)
+    name, options = parse_method(entry)
+    slow = name in SLOW_METHODS or bool(options.get("adv"))
+    r = run_worker("benchmarks.train_bench", dict(arch=arch, batch=int(batch), method=entry,
                                                   steps=3 if slow else 10,
                                                   dataset=dataset), 900.0)
     if "median_ms" not in r:
@@ -463,15 +475,8 @@ def measure_step_ms(keys: Sequence[Tuple[str, str, str, int]], cache: Path
 def list_tables(names: Sequence[str]) -> str:
   """Every cell: done or to do, its estimated CPU time, its command."""
   cache = Path(FLAGS.step_times)
-  keys = []
-  for name in names:
-    t = TABLES[name]
-    for c in t.cells:
-      if c.kind == "train":
-        argv = [*t.common, *c.flags]
-        keys.append((t.script, _arch(t, c), bench_entry(t, c),
-                     int(_flag_value(argv, "batch_size")
-                         or (100 if t.script == "mnist" else 50))))
+  keys = [_step_time_key(TABLES[name], c) for name in names for c in TABLES[name].cells
+          if c.kind == "train"]
   if FLAGS.measure:
     print(f"measuring {len(set(keys))} step times (cached in {cache}) ...", flush=True)
     known = measure_step_ms(sorted(set(keys)), cache)
@@ -485,12 +490,10 @@ def list_tables(names: Sequence[str]) -> str:
       done = result_path(t, c, FLAGS.budget).exists()
       est = ""
       if c.kind == "train":
-        argv = [*t.common, *c.flags]
-        key = (f"{t.script}/{_arch(t, c)}/{bench_entry(t, c)}/"
-               f"{int(_flag_value(argv, 'batch_size') or (100 if t.script == 'mnist' else 50))}")
+        key = _step_time_key(t, c)
         if key in known:
           # An ensemble's step is its members' steps (train_bench times one model).
-          members = int(_flag_value(argv, "ensemble") or 1)
+          members = int(_flag_value([*t.common, *c.flags], "ensemble") or 1)
           hours = members * known[key] * cell_steps(t, c) / 3.6e6
           total += 0.0 if done else hours
           est = f"{hours:5.2f} h"
@@ -562,15 +565,6 @@ def check_cells(names: Sequence[str], budget: str) -> List[str]:
 
 # ----------------------------------------------------------------------------- running
 
-def _train_seconds(workdir: Path) -> Optional[float]:
-  """Training wall time over all (resumed) invocations: the epochs' own wall times."""
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return None
-  records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-  return sum(r.get("epoch_time_s", 0.0) for r in records)
-
-
 def collect_cell(table: Table, cell: Cell, budget: str, argv: Sequence[str],
                  seconds: float) -> Path:
   """Writes the cell's result file from its workdir's outputs; returns its path."""
@@ -589,7 +583,9 @@ def collect_cell(table: Table, cell: Cell, budget: str, argv: Sequence[str],
          "budget": budget,
          "epochs": int(_flag_value(argv, "epochs")) if cell.kind == "train" else None,
          "eps_train": _flag_value(argv, "eps") if cell.kind == "train" else None, "command": " ".join(["python"] + list(argv[1:])),
-         "source": cell.source, "train_time_s": _train_seconds(workdir),
+         "source": cell.source,
+         "train_time_s": (cli.train_seconds(cli.read_metrics(workdir))
+                          if (workdir / "metrics.jsonl").exists() else None),
          "driver_wall_s": seconds, "machine": provenance.machine_info(),
          "result": json.loads(produced.read_text())}
   path = result_path(table, cell, budget)
@@ -874,12 +870,7 @@ def render(names: Sequence[str], budget: str) -> Path:
 def _selected_tables() -> List[str]:
   if not FLAGS.table:
     return list(TABLES)
-  names = [n.strip() for n in FLAGS.table.split(",") if n.strip()]
-  unknown = [n for n in names if n not in TABLES]
-  if unknown:
-    raise ValueError(f"unknown --table {', '.join(unknown)}; expected some of "
-                     f"{', '.join(TABLES)}")
-  return names
+  return cli.select_names(FLAGS.table, list(TABLES), "--table")
 
 
 def run() -> None:

@@ -11,6 +11,7 @@ import functools
 import re
 from typing import Dict, List, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,17 @@ RTOL = 1e-5
 
 
 # ------------------------------------------------------------------------ models
+
+class TinyMLP(nn.Module):
+  """Flatten, two ReLU layers of 8, 3 classes: small enough for the exact MIP."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(8)(x))
+    x = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(3)(x)
+
 
 def init_params(model, shape, seed: int, bias_std: float = 0.1, weight_scale: float = 1.0):
   """Parameters with the shapes ``model.init`` would give, drawn with numpy (fast).

@@ -19,7 +19,6 @@ import functools
 import os
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +29,8 @@ import dm_jax
 from dm_jax.verify import certify as C
 from dm_jax.bounds import linear
 from dm_jax.core.errors import UnsupportedPrimitiveError
+
+import helpers as U
 
 METHODS = ("ibp", "crown_ibp", "fastlin", "crown", "zero")
 INTERSECTED = ("fastlin_intersect", "crown_intersect", "zero_intersect")
@@ -412,18 +413,11 @@ def test_relu_stability_counts(trained):
   assert prev.sum() > 0
 
 
-class _TinyMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(8)(x))
-    x = nn.relu(nn.Dense(8)(x))
-    return nn.Dense(3)(x)
 
 
 @pytest.mark.sweep
 def test_mip_contains_every_sound_certificate():
-  model = _TinyMLP()
+  model = U.TinyMLP()
   rng = np.random.default_rng(0)
   x = rng.uniform(0, 1, (12, 4)).astype(np.float32)
   params = model.init(jax.random.PRNGKey(3), jnp.asarray(x[:1]))

@@ -17,7 +17,6 @@ Independent evidence for each claim of the pipeline:
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +26,8 @@ from dm_jax.core.input_sets import contains, make_input_set, pull_inside
 from dm_jax.verify import certify as C
 from dm_jax.verify import mip
 from dm_jax.verify import pipeline as P
+
+import helpers as U
 from test_certify import trained  # noqa: F401  (the module-scoped MNIST MLP fixture)
 
 
@@ -98,20 +99,13 @@ def test_certified_union_and_falsified_counterexamples(trained, norm, eps, domai
   assert s["certified"] + s["falsified"] + s["unknown"] == pytest.approx(1.0)
 
 
-class _TinyMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(8)(x))
-    x = nn.relu(nn.Dense(8)(x))
-    return nn.Dense(3)(x)
 
 
 @pytest.mark.parametrize("norm,eps_list", [("linf", (0.6,)), ("l1", (0.3, 1.0)),
                                            ("linf", (0.3,))])
 def test_tiny_net_with_mip_decides_every_point(norm, eps_list):
   """The MIP is complete: no point stays unknown, and the pipeline agrees with it."""
-  model = _TinyMLP()
+  model = U.TinyMLP()
   rng = np.random.default_rng(0)
   x = rng.uniform(0, 1, (10, 4)).astype(np.float32)
   params = model.init(jax.random.PRNGKey(3), jnp.asarray(x[:1]))
