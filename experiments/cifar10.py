@@ -10,13 +10,9 @@ flip augmentation. Certified on eps 0, .5, 1, 2, 3, 5, 7, 8, 9 (/255).
 """
 from absl import app
 
-from experiments import common, grids
+from experiments import common, defaults
 
-GRID = grids.TABLE["cifar10"]
-DEFAULTS = common.DatasetDefaults(
-    dataset="cifar10", arch="small", eps=8 / 255, epochs=350, batch_size=50, lr=5e-4,
-    eps_grid=GRID.eps, eps_grid_label=GRID.labels, eps_scale=GRID.scale, normalize=True,
-    augment=True)
+DEFAULTS = defaults.CIFAR10
 
 
 def main(argv):

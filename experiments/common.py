@@ -1,7 +1,7 @@
 """Shared absl flags and ``main`` of the experiment scripts (Flax-examples style).
 
 Each dataset script (``experiments/mnist.py``, ``cifar10.py``, ``gtsrb.py``) passes its
-:class:`DatasetDefaults`; any flag left unset takes the dataset's default. The run:
+:class:`experiments.defaults.DatasetDefaults`; any flag left unset takes the dataset's default. The run:
 
 1. validates the flags (bad values exit non-zero with one ``error: ...`` line),
 2. loads the data (``--data_dir``, else ``$DM_JAX_DATA_DIR``, else TFDS),
@@ -15,7 +15,6 @@ Each dataset script (``experiments/mnist.py``, ``cifar10.py``, ``gtsrb.py``) pas
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import sys
@@ -27,34 +26,10 @@ from absl import flags
 
 from dm_jax.train.methods.double_margin import DM_LOSSES
 from experiments import cli, grids
+from experiments.defaults import DatasetDefaults
 from experiments.grids import parse_number
 
 FLAGS = flags.FLAGS
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetDefaults:
-  dataset: str
-  arch: str
-  eps: float
-  epochs: int
-  batch_size: int
-  lr: float
-  eps_grid: Tuple[float, ...]
-  eps_grid_label: Tuple[str, ...]
-  normalize: bool = False
-  augment: bool = False
-  eps_scale: float = 1.0      # table columns in units of 1/eps_scale (255 for /255 grids)
-  # The training recipe and certification a flag left unset takes (docs/recipes.md).
-  method: str = "dm"
-  lam_form: str = "paper"
-  dm_loss: str = "split"
-  dm_domain: bool = False
-  ibp_margin: bool = False
-  schedule: str = "singleprop"
-  cert_domain: bool = False
-  cert_methods: Tuple[str, ...] = ("fastlin", "ibp")
-  num_cert_points: int = 200
 
 
 flags.DEFINE_string("method", None, "Training method (dm_jax.train.methods.METHODS, or an "

@@ -9,12 +9,9 @@ dm_jax/train/schedules.py); no normalisation or augmentation (choice). Certified
 """
 from absl import app
 
-from experiments import common, grids
+from experiments import common, defaults
 
-GRID = grids.TABLE["gtsrb"]
-DEFAULTS = common.DatasetDefaults(
-    dataset="gtsrb", arch="pureconv", eps=8 / 255, epochs=100, batch_size=50, lr=5e-4,
-    eps_grid=GRID.eps, eps_grid_label=GRID.labels, eps_scale=GRID.scale)
+DEFAULTS = defaults.GTSRB
 
 
 def main(argv):

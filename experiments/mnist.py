@@ -24,15 +24,9 @@ for others). Every flag left unset is written, resolved, into ``certified.json``
 """
 from absl import app
 
-from experiments import common, grids
+from experiments import common, defaults
 
-GRID = grids.TABLE["mnist"]  # the paper's Table 2 columns (--eps_grid for others)
-DEFAULTS = common.DatasetDefaults(
-    dataset="mnist", arch="small", eps=0.3, epochs=10, batch_size=100, lr=5e-4,
-    eps_grid=GRID.eps, eps_grid_label=GRID.labels,
-    method="dm_ibp_v", dm_domain=True,
-    lam_form="kappa", dm_loss="folded", schedule="proportional", cert_domain=True,
-    cert_methods=("fastlin", "ibp", "crown_ibp"), num_cert_points=1000)
+DEFAULTS = defaults.MNIST
 
 
 def main(argv):

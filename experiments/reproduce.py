@@ -41,7 +41,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app, flags
 
-from experiments import cli, grids
+from experiments import cli, defaults, grids
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("table", None, "Comma-separated tables to run (see --list); default: "
@@ -78,7 +78,6 @@ ALL_CERTIFIERS = "fastlin,crown,zero,ibp,crown_ibp"   # Tables 13-16 and CROWN-I
 # Tables 4 and 7's radii per norm (l0: changed pixels k).
 NORM_RADII = {"linf": "0,0.05,0.1,0.2,0.3", "l2": "0,0.25,0.5,0.75,1", "l1": "0,1,2,3,4",
               "l0": "0,1,2,3,4"}
-TRAIN_EXAMPLES = {"mnist": 60000, "cifar10": 50000, "gtsrb": 25087}
 PAPER_CERTIFIER = "fastlin"  # SPEC.md: the paper's Table 2 is CNN-Cert-ReLU
 
 # The recipes of docs/recipes.md (Double Margin, IBP), spelled out so that a change of a
@@ -88,6 +87,14 @@ DM_RECIPE = ("--lam_form=kappa", "--dm_loss=folded", "--schedule=proportional")
 IBP_RECIPE = ("--method=ibp", "--ibp_margin", "--schedule=proportional")
 # The paper's own setting (SPEC.md: SingleProp's steps, lambda -> 2, eq. 9's loss).
 PAPER_SETTING = ("--lam_form=paper", "--schedule=singleprop")
+# The regularizer selection (experiments.select_regularizer): L and H on 1000 training
+# points, the target on 10,000 held-out points, and its fine-tuning check.
+SELECT_FLAGS = ("--train_points=1000", "--val_points=10000", "--validate",
+                "--finetune_steps=100", "--finetune_lam=0.05")
+# Which Table 2 cell trains with each regularizer select_regularizer ranks (l2: none).
+REGULARIZER_CELLS = {"dm": "dm", "dm_s_only": "dm_s_only", "ibp": "ibp",
+                     "crown_ibp": "crown_ibp", "relu_stability": "relu_stability",
+                     "l1": "l1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +107,10 @@ class Cell:
     flags: the command's flags beyond the table's ``common`` ones.
     epochs: full-budget epochs (None: the table's); costly methods are shortened here.
     kind: "train" (an experiment script), "certify" (experiments.certify on the network
-      of cell ``source`` of the same table) or "bench" (benchmarks.train_bench).
-    source: for "certify", the training cell whose network is certified: a cell of the
-      same table, or ``"<table>/<cell>"``.
+      of cell ``source`` of the same table), "select" (experiments.select_regularizer on
+      that network) or "bench" (benchmarks.train_bench).
+    source: for "certify" and "select", the training cell whose network is read: a cell
+      of the same table, or ``"<table>/<cell>"``.
     paper: the paper's method name(s) this cell reproduces (experiments.paper_numbers).
   """
   name: str
@@ -302,6 +310,30 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
               "as not certified) on 20 of the points.",
         renders=("table2_mnist",)),
     Table(
+        "regularizers", "Section 3.1's framework: the regularizer ranking Proposition 2 "
+        "predicts against the ones measured (MNIST small CNN)", "mnist",
+        ("--seed=0", "--num_cert_points=200", "--cert_methods=ibp", "--noprogress",
+         "--pgd_restarts=0", "--eps_grid=0,0.1,0.3"), 1, ("0.1", "0.3"),
+        (Cell("normal_1ep", "Normal training, 1 epoch", ("--method=normal", "--eps=0.1")),)
+        + tuple(Cell(f"select_{tag}_eps{e}", f"{what}, eps {e}",
+                     (f"--eps={e}", *SELECT_FLAGS), kind="select", source=src)
+                for tag, what, src in (
+                    ("1ep", "Normal training, 1 epoch", "normal_1ep"),
+                    ("100ep", "Normal training, 100 epochs (Table 2's)",
+                     "table2_mnist/normal"))
+                for e in ("0.1", "0.3")),
+        notes="Each select cell ranks the paper's regularizers (Table 2's methods' "
+              "regularizers, plus l2) by Proposition 2's distance ‖∇R − ∇R_J‖ "
+              "in the inverse damped Gauss-Newton norm, R_J the IBP robust loss on "
+              "10,000 held-out test points at eps (`experiments.select_regularizer`, "
+              "its defaults), and measures the ranking twice: by 100 Adam steps of "
+              "fine-tuning with each regularizer at lam 0.05 (the objective J reached; "
+              "the tool's own --validate), and by Table 2's networks trained from "
+              "scratch with each method at eps_train 0.3 (their certified accuracy at "
+              "eps, best of the certifiers). Spearman's rho > 0: the prediction ordered "
+              "the measurement.",
+        renders=("table2_mnist",)),
+    Table(
         "cost", "Table 2's time column: step time of every method relative to normal",
         "mnist", (), 0, (),
         (Cell("train_bench", "benchmarks.train_bench, small CNN, batch 100",
@@ -319,6 +351,9 @@ FAST_TRAIN = ("--epochs=1", "--max_train_examples=300", "--num_cert_points=100",
               "--cert_methods=fastlin,ibp", "--pgd_steps=5", "--pgd_restarts=1",
               "--eval_cert_points=16", "--checkpoint_every_steps=2")
 FAST_CERTIFY = ("--num_points=5",)
+FAST_SELECT = ("--train_points=40", "--val_points=40", "--batch_size=20", "--cg_maxiter=5",
+               "--eig_iters=2", "--finetune_steps=2", "--finetune_batch=20",
+               "--cert_points=10", "--candidates=ibp,l1,l2")
 
 
 def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
@@ -348,7 +383,14 @@ def cell_argv(table: Table, cell: Cell, budget: str, workdir: Path) -> List[str]
       out = [a for a in out if not a.startswith(("--steps=", "--slow_steps="))]
       out += ["--steps=2", "--slow_steps=1", "--methods=normal,ibp"]
     return out
-  if cell.kind == "certify":
+  if cell.kind == "select":
+    source = cell_workdir(*source_of(table, cell), budget)
+    argv = [*cell.flags, f"--checkpoint={source}",
+            f"--output={workdir / 'select_regularizer.json'}"]
+    if budget == "fast":
+      argv += FAST_SELECT
+    out = [sys.executable, "-m", "experiments.select_regularizer", *argv]
+  elif cell.kind == "certify":
     source = cell_workdir(*source_of(table, cell), budget)
     argv = [*cell.flags, f"--checkpoint={source}", f"--output_dir={workdir}"]
     if budget == "fast":
@@ -366,7 +408,7 @@ def cell_argv(table: Table, cell: Cell, budget: str, workdir: Path) -> List[str]
 
 
 def source_of(table: Table, cell: Cell) -> Tuple[Table, Cell]:
-  """The table and training cell whose network a "certify" cell certifies."""
+  """The table and training cell whose network a "certify" or "select" cell reads."""
   name, _, cell_name = (cell.source or "").rpartition("/")
   source_table = TABLES[name] if name else table
   return source_table, source_table.cell(cell_name)
@@ -399,7 +441,8 @@ def bench_entry(table: Table, cell: Cell) -> str:
   """The cell's method as ``benchmarks.train_bench --methods`` takes it:
   ``name[option=value;...]`` with the options its flags give."""
   argv = [*table.common, *cell.flags]
-  method = _flag_value(argv, "method") or "dm_ibp_v"
+  script_defaults = defaults.BY_DATASET[table.script]
+  method = _flag_value(argv, "method") or script_defaults.method
   options = {}
   for name in ("dm_loss", "lam_form", "l1", "projections", "norm"):
     value = _flag_value(argv, name)
@@ -409,7 +452,7 @@ def bench_entry(table: Table, cell: Cell) -> str:
     if f"--{name}" in argv:
       options[name] = "true"
   if method.startswith("dm") and "lam_form" not in options:
-    options["lam_form"] = "paper"
+    options["lam_form"] = script_defaults.lam_form
   if not method.startswith("dm"):
     options.pop("lam_form", None)  # a kappa-form option of the DM losses only
   if options.get("norm") == "linf":
@@ -422,11 +465,9 @@ def bench_entry(table: Table, cell: Cell) -> str:
 
 
 def _batch(table: Table, cell: Cell) -> int:
-  """The cell's batch size: its flag, else the script's default (experiments/mnist.py:
-  100; cifar10.py and gtsrb.py: 50; their DEFAULTS cannot be imported beside this
-  driver's flags)."""
+  """The cell's batch size: its flag, else its script's default."""
   return int(_flag_value([*table.common, *cell.flags], "batch_size")
-             or (100 if table.script == "mnist" else 50))
+             or defaults.BY_DATASET[table.script].batch_size)
 
 
 def _step_time_key(table: Table, cell: Cell) -> str:
@@ -437,12 +478,13 @@ def _step_time_key(table: Table, cell: Cell) -> str:
 def cell_steps(table: Table, cell: Cell) -> int:
   """Training steps of a full-budget training cell."""
   epochs = cell.epochs or table.epochs
-  return epochs * math.ceil(TRAIN_EXAMPLES[table.script] / _batch(table, cell))
+  return epochs * math.ceil(defaults.BY_DATASET[table.script].train_examples
+                            / _batch(table, cell))
 
 
 def _arch(table: Table, cell: Cell) -> str:
-  return _flag_value([*table.common, *cell.flags], "arch") or (
-      "pureconv" if table.script == "gtsrb" else "small")
+  return (_flag_value([*table.common, *cell.flags], "arch")
+          or defaults.BY_DATASET[table.script].arch)
 
 
 def measure_step_ms(keys: Sequence[str], cache: Path) -> Dict[str, float]:
@@ -518,12 +560,14 @@ import importlib, json, sys
 from absl import flags
 script = sys.argv[1]
 module = importlib.import_module(f"experiments.{script}")
+if hasattr(module, "define_flags"):  # select_regularizer defines its flags on demand
+  module.define_flags()
 bad = []
 for argv in json.loads(sys.stdin.read()):
   flags.FLAGS.unparse_flags()
   try:
     flags.FLAGS([script] + argv)
-    if script != "certify":
+    if script not in ("certify", "select_regularizer"):
       from experiments import common
       common.build_config(module.DEFAULTS)
   except Exception as e:  # every failure is reported with its command
@@ -543,10 +587,10 @@ def check_cells(names: Sequence[str], budget: str) -> List[str]:
       argv = cell_argv(t, c, budget, cell_workdir(t, c, budget))
       if c.kind == "bench":
         continue
-      if c.kind == "certify":
+      if c.kind in ("certify", "select"):
         try:
           source_of(t, c)
-          for m in (_flag_value(argv, "methods") or "").split(","):
+          for m in (_flag_value(argv, "methods") or "").split(",") if c.kind == "certify" else ():
             canonical_certifier(m)
         except ValueError as e:
           problems.append(f"{name}/{c.name}: {e}")
@@ -575,6 +619,8 @@ def collect_cell(table: Table, cell: Cell, budget: str, argv: Sequence[str],
   elif cell.kind == "certify":
     norm = _flag_value(cell.flags, "norm") or "linf"
     produced = workdir / f"certify_{norm}.json"
+  elif cell.kind == "select":
+    produced = workdir / "select_regularizer.json"
   else:
     produced = workdir / "train_bench.json"
   if not produced.exists():
@@ -603,7 +649,7 @@ def run_table(table: Table, cells: Sequence[Cell], budget: str) -> None:
     if path.exists():
       print(f"{table.name}/{cell.name}: done ({path})", flush=True)
       continue
-    if cell.kind == "certify":
+    if cell.kind in ("certify", "select"):
       source_table, source = source_of(table, cell)
       if not result_path(source_table, source, budget).exists():
         run_table(source_table, [source], budget)
@@ -740,6 +786,8 @@ def render_table(table: Table, budget: str, report: Path) -> List[str]:
   out.append("")
   if table.name == "cost":
     out += _render_cost(results)
+  elif table.name == "regularizers":
+    out += _render_regularizers(table, results)
   elif table.renders:
     out += _render_certifiers(table, results)
   else:
@@ -758,7 +806,7 @@ def render_table(table: Table, budget: str, report: Path) -> List[str]:
                          f"{r.train_time_s:g}" if r.train_time_s else ""]
                         + [_pct(paper_numbers.value(r, c)) for c in cols] for r in members])
   figure = report.parent / "figures" / f"{table.name}.png"
-  if table.name != "cost" and _figure(table, results, figure):
+  if table.name not in ("cost", "regularizers") and _figure(table, results, figure):
     out += ["", f"![{table.title}](figures/{figure.name})"]
   return out + [""]
 
@@ -828,6 +876,72 @@ def _render_certifiers(table: Table, results: Mapping[str, dict]) -> List[str]:
     out += _markdown(["certifier"] + [f"eps {c}" for c in labels],
                      [[_CERTIFIER_NAMES.get(k, k)] + _row_cells(res, k, labels)
                       for k in _rows_of(res)]) + [""]
+  return out
+
+
+def _render_regularizers(table: Table, results: Mapping[str, dict]) -> List[str]:
+  """Per select cell: the predicted ranking beside the fine-tuning and the Table 2
+  measurements, with Spearman's rho of each against the prediction."""
+  from experiments.select_regularizer import _spearman
+  out = []
+  for cell in table.cells:
+    res = results.get(cell.name)
+    if cell.kind != "select" or res is None:
+      continue
+    r = res["result"]
+    eps = r["setting"]["eps"]
+    runs = (r.get("validation") or {}).get("runs", {})
+    measured: Dict[str, Optional[float]] = {}
+    for row in r["rows"]:
+      trained = results.get(f"table2_mnist/{REGULARIZER_CELLS.get(row['name'], '')}")
+      value = None
+      if trained is not None and "best" in _rows_of(trained):
+        labels, values = _columns_of(trained, ())
+        hit = [i for i, v in enumerate(values) if abs(v - eps) < 1e-9]
+        value = float(_rows_of(trained)["best"][hit[0]]) if hit else None
+      measured[row["name"]] = value
+    lines = []
+    for row in r["rows"]:
+      run = runs.get(row["name"], {})
+      lines.append([str(row["rank"]), row["name"], f"{row['distance']:.4g}",
+                    "yes" if row["verdict"] else "no", f"{row['cosine']:.3f}",
+                    f"{row['iterations']}{'' if row['converged'] else ' (not converged)'}",
+                    f"{run['objective']:.4g}" if run else "",
+                    _pct(run.get("cert_acc")) if run else "",
+                    _pct(measured[row["name"]]) if measured[row["name"]] is not None
+                    else "not run" if row["name"] in REGULARIZER_CELLS else "no cell"])
+    target, clean, timings = r["target"], r["clean"], r["timings"]
+    out += [f"{cell.label}: `{res['command']}`", "",
+            f"Checkpoint trained with {r['trained_with']} (step {r['step']}); clean loss "
+            f"{clean['loss']:.4g}, ‖∇L‖ {clean['grad_norm']:.3g} (0 at a minimum, "
+            f"where the propositions hold); largest Gauss-Newton eigenvalue "
+            f"{clean['top_eigenvalue']:.4g} against the damping "
+            f"{r['setting']['damping']:g}; target R_J: {target['kind']} of "
+            f"{target['method']}, ‖∇R_J‖ in H⁻¹ = {target['norm']:.4g} (the verdict's "
+            f"threshold).", ""]
+    # (no "|" in a cell: it would split the markdown column)
+    out += _markdown(["rank", "regularizer", "‖∇R − ∇R_J‖ in H⁻¹", "< ‖∇R_J‖",
+                      "cosine", "CG iterations", "J after fine-tuning",
+                      "certified after fine-tuning",
+                      f"Table 2 network certified at eps {eps:g}"], lines)
+    none = runs.get("none")
+    val = r.get("validation") or {}
+    names = [row["name"] for row in r["rows"]]
+    with_cell = [n for n in names if measured[n] is not None]
+    rho_t, _ = _spearman([row["distance"] for row in r["rows"] if row["name"] in with_cell],
+                         [-measured[n] for n in with_cell])
+
+    def fmt(rho):
+      return "undefined" if rho is None else f"{rho:+.2f}"
+    out += ["", (f"Fine-tuning without a regularizer reaches J = {none['objective']:.4g}. "
+                 if none else "")
+            + f"Spearman's rho of the predicted distance against J after fine-tuning: "
+            f"{fmt(val.get('spearman_distance_vs_objective'))}; against the fine-tuned "
+            f"networks' uncertified share: {fmt(val.get('spearman_distance_vs_uncertified'))}"
+            f"; against the Table 2 networks' uncertified share: {fmt(rho_t)} "
+            f"({len(with_cell)} of {len(names)} regularizers have a finished Table 2 "
+            f"network; undefined below 3 or when one side is constant). One HVP "
+            f"{timings['hvp_seconds']:.3f} s; {timings['wall_seconds']:.0f} s in all.", ""]
   return out
 
 

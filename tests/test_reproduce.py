@@ -134,6 +134,57 @@ def test_render_keeps_ours_and_the_papers_apart(reproduce, tmp_path, monkeypatch
   assert "Ours, CNN-Cert-ReLU" in section and "Double Margin (our recipe)" in section
 
 
+def _fake_selection(names_distances, eps):
+  rows = [{"name": n, "method": n, "options": {}, "distance": d, "verdict": d < 10,
+           "cosine": 0.5, "iterations": 7, "converged": True, "rank": i + 1}
+          for i, (n, d) in enumerate(names_distances)]
+  runs = {n: {"objective": 100 + d, "cert_acc": 0.0} for n, d in names_distances}
+  runs["none"] = {"objective": 200.0, "cert_acc": 0.0}
+  return {"rows": rows, "setting": {"eps": eps, "damping": 0.1},
+          "target": {"kind": "robust_val", "method": "ibp", "norm": 10.0},
+          "clean": {"loss": 0.07, "grad_norm": 0.3, "top_eigenvalue": 7.5},
+          "timings": {"hvp_seconds": 0.15, "wall_seconds": 70.0}, "trained_with": "normal",
+          "step": 600, "validation": {"runs": runs, "spearman_distance_vs_objective": 1.0,
+                                      "spearman_distance_vs_uncertified": None}}
+
+
+def test_select_cells_read_their_source_and_render_both_measurements(
+    reproduce, tmp_path, monkeypatch):
+  t = reproduce.TABLES["regularizers"]
+  argv = reproduce.cell_argv(t, t.cell("select_100ep_eps0.3"), "full", Path("w"))
+  assert argv[1:3] == ["-m", "experiments.select_regularizer"]
+  assert "--checkpoint=runs/reproduce/full/table2_mnist/normal" in argv
+  assert "--output=w/select_regularizer.json" in argv and "--eps=0.3" in argv
+  monkeypatch.setattr(reproduce.FLAGS, "results_dir", str(tmp_path / "results"))
+  monkeypatch.setattr(reproduce.FLAGS, "report", str(tmp_path / "RESULTS.md"))
+  t2 = reproduce.TABLES["table2_mnist"]
+  n = len(t2.columns)
+  i03 = list(t2.columns).index("0.3")
+  for name, cert in (("ibp", 0.9), ("dm", 0.7), ("l1", 0.1)):
+    best = [cert] * n
+    path = tmp_path / "results" / t2.name / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_fake_result(reproduce, t2, t2.cell(name), best, best)))
+  cell = t.cell("select_1ep_eps0.3")
+  path = tmp_path / "results" / t.name / f"{cell.name}.json"
+  path.parent.mkdir(parents=True)
+  path.write_text(json.dumps({
+      "kind": "select", "label": cell.label, "command": "python -m select", "budget": "full",
+      "result": _fake_selection([("ibp", 1.0), ("dm", 2.0), ("l2", 2.5), ("l1", 3.0),
+                                 ("crown_ibp", 4.0)], 0.3)}))
+  text = reproduce.render(["regularizers"], "full").read_text()
+  section = text.split("## Section 3.1")[1]
+  assert "Cells finished: 1 of 5" in section
+  # The Table 2 network of each regularizer, at the select cell's eps (0.3 of the grid).
+  assert i03 >= 0
+  assert "| 1 | ibp | 1 | yes | 0.500 | 7 | 101 | 0.0% | 90.0% |" in section
+  assert "| 3 | l2 | 2.5 | yes | 0.500 | 7 | 102.5 | 0.0% | no cell |" in section
+  assert "| 5 | crown_ibp | 4 | yes | 0.500 | 7 | 104 | 0.0% | not run |" in section
+  # distances 1 < 2 < 3 against uncertified shares 0.1 < 0.3 < 0.9: rho = +1.
+  assert "Table 2 networks' uncertified share: +1.00 (3 of 5" in section
+  assert "fine-tuning: +1.00" in section and "uncertified share: undefined" in section
+
+
 @pytest.mark.sweep
 def test_fast_budget_runs_a_table_and_resumes(tmp_path):
   """CI's smoke run of the driver: every cell of mnist_eps, a few steps each."""
