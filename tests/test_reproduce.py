@@ -136,7 +136,8 @@ def test_render_keeps_ours_and_the_papers_apart(reproduce, tmp_path, monkeypatch
 
 def _fake_selection(names_distances, eps):
   rows = [{"name": n, "method": n, "options": {}, "distance": d, "verdict": d < 10,
-           "cosine": 0.5, "iterations": 7, "converged": True, "rank": i + 1}
+           "cosine": 0.5, "iterations": 7, "converged": True, "rank": i + 1,
+           "best_scale": 0.5, "scaled_distance": d / 2}
           for i, (n, d) in enumerate(names_distances)]
   runs = {n: {"objective": 100 + d, "cert_acc": 0.0} for n, d in names_distances}
   runs["none"] = {"objective": 200.0, "cert_acc": 0.0}
@@ -177,9 +178,9 @@ def test_select_cells_read_their_source_and_render_both_measurements(
   assert "Cells finished: 1 of 5" in section
   # The Table 2 network of each regularizer, at the select cell's eps (0.3 of the grid).
   assert i03 >= 0
-  assert "| 1 | ibp | 1 | yes | 0.500 | 7 | 101 | 0.0% | 90.0% |" in section
-  assert "| 3 | l2 | 2.5 | yes | 0.500 | 7 | 102.5 | 0.0% | no cell |" in section
-  assert "| 5 | crown_ibp | 4 | yes | 0.500 | 7 | 104 | 0.0% | not run |" in section
+  assert "| 1 | ibp | 1 | yes | 0.500 | 7 | 0.5 | 0.5 | 101 | 0.0% | 90.0% |" in section
+  assert "| 3 | l2 | 2.5 | yes | 0.500 | 7 | 0.5 | 1.25 | 102.5 | 0.0% | no cell |" in section
+  assert "| 5 | crown_ibp | 4 | yes | 0.500 | 7 | 0.5 | 2 | 104 | 0.0% | not run |" in section
   # distances 1 < 2 < 3 against uncertified shares 0.1 < 0.3 < 0.9: rho = +1.
   assert "Table 2 networks' uncertified share: +1.00 (3 of 5" in section
   assert "fine-tuning: +1.00" in section and "uncertified share: undefined" in section
