@@ -6,7 +6,7 @@ initialised N(0, 1/fan_in), biases 0 (SPEC.md, "Training setup").
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import flax.linen as nn
 
@@ -88,31 +88,31 @@ class Ensemble(nn.Module):
     return sum(logits) / self.num_members
 
 
-def small(num_classes=10, **kw):
+def small(num_classes: int = 10, **kw: Any) -> nn.Module:
   """conv 16 4x4/2 SAME, conv 32 4x4/1 SAME, dense 100, dense classes (Gowal's small)."""
   return ConvStack(((16, 4, 2, "SAME"), (32, 4, 1, "SAME")), (100,), num_classes, **kw)
 
 
-def small_s2(num_classes=10, **kw):
+def small_s2(num_classes: int = 10, **kw: Any) -> nn.Module:
   """Benchmark variant: conv 16 4x4/2 pad 1, conv 32 4x4/2 pad 1, dense 100, dense."""
   return ConvStack(((16, 4, 2, PAD1), (32, 4, 2, PAD1)), (100,), num_classes, **kw)
 
 
-def pureconv(num_classes=10, **kw):
+def pureconv(num_classes: int = 10, **kw: Any) -> nn.Module:
   return ConvStack(((16, 4, 2, PAD1),) * 3, (), num_classes, **kw)
 
 
-def medium(num_classes=10, **kw):
+def medium(num_classes: int = 10, **kw: Any) -> nn.Module:
   return ConvStack(((16, 3, 1, PAD1), (16, 4, 2, PAD1), (32, 3, 1, PAD1), (32, 4, 2, PAD1)),
                    (512, 512), num_classes, **kw)
 
 
-def large(num_classes=10, **kw):
+def large(num_classes: int = 10, **kw: Any) -> nn.Module:
   return ConvStack(((64, 3, 1, PAD1), (64, 3, 1, PAD1), (64, 3, 2, PAD1),
                     (128, 3, 1, PAD1), (128, 3, 2, PAD1)), (200,), num_classes, **kw)
 
 
-def mlp(num_classes=10, hidden=(64, 64), **kw):
+def mlp(num_classes: int = 10, hidden: Sequence[int] = (64, 64), **kw: Any) -> nn.Module:
   """A plain MLP (not in the paper; handy for tests and exact MIP checks)."""
   return ConvStack((), tuple(hidden), num_classes, **kw)
 

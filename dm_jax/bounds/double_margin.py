@@ -63,13 +63,13 @@ class DoubleMarginDomain(propagation.ForwardDomain):
     self.variant = variant
     self.name = f"double-margin ({variant})"
 
-  def from_range(self, nominal, down, up):
+  def from_range(self, nominal: jax.Array, down: jax.Array, up: jax.Array) -> Abstract:
     s = (up + down) / 2
     if self.variant == "s_only":
       return Abstract((nominal,), (s,))
     return Abstract((nominal,), (s, jnp.zeros_like(s)))
 
-  def monotone(self, g, a):
+  def monotone(self, g: Callable[[jax.Array], jax.Array], a: Abstract) -> Abstract:
     (z,) = a.centres
     gz = g(z)
     if self.variant == "s_only":
@@ -81,7 +81,7 @@ class DoubleMarginDomain(propagation.ForwardDomain):
              + jnp.abs(g(z + s + v) + g(z - s - v) - 2 * gz) / 2)
     return Abstract((gz,), (s_new, v_new))
 
-  def value_range(self, a):
+  def value_range(self, a: Abstract) -> Tuple[jax.Array, jax.Array]:
     m = to_margins(a, self.variant)
     return m.lower, m.upper
 
@@ -91,18 +91,18 @@ class IbpPlusVDomain(propagation.ForwardDomain):
 
   name = "double-margin (ibp_v)"
 
-  def from_range(self, nominal, down, up):
+  def from_range(self, nominal: jax.Array, down: jax.Array, up: jax.Array) -> Abstract:
     r = (up + down) / 2
     return Abstract((nominal, nominal + (up - down) / 2), (r, jnp.zeros_like(r)))
 
-  def monotone(self, g, a):
+  def monotone(self, g: Callable[[jax.Array], jax.Array], a: Abstract) -> Abstract:
     (z, c), (r, v) = a.centres, a.radii
     gz, lo, hi = g(z), g(c - r), g(c + r)
     v_new = ((g(z + v) - g(z - v)) / 2
              + jnp.abs(g(c + r + v) + g(c - r - v) - 2 * gz) / 2)
     return Abstract((gz, (hi + lo) / 2), ((hi - lo) / 2, v_new))
 
-  def value_range(self, a):
+  def value_range(self, a: Abstract) -> Tuple[jax.Array, jax.Array]:
     m = to_margins(a, "ibp_v")
     return m.lower, m.upper
 

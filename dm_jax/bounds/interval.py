@@ -23,11 +23,11 @@ class Bounds:
   upper: jax.Array
 
   @property
-  def centre(self):
+  def centre(self) -> jax.Array:
     return (self.upper + self.lower) / 2
 
   @property
-  def radius(self):
+  def radius(self) -> jax.Array:
     return (self.upper - self.lower) / 2
 
 
@@ -36,15 +36,17 @@ class IntervalDomain(propagation.ForwardDomain):
 
   name = "interval"
 
-  def from_range(self, nominal, down, up):
+  def from_range(self, nominal: jax.Array, down: jax.Array,
+                 up: jax.Array) -> propagation.Abstract:
     return propagation.Abstract((nominal + (up - down) / 2,), ((up + down) / 2,))
 
-  def monotone(self, g, a):
+  def monotone(self, g: Callable[[jax.Array], jax.Array],
+               a: propagation.Abstract) -> propagation.Abstract:
     (c,), (r,) = a.centres, a.radii
     lo, hi = g(c - r), g(c + r)
     return propagation.Abstract(((hi + lo) / 2,), ((hi - lo) / 2,))
 
-  def value_range(self, a):
+  def value_range(self, a: propagation.Abstract) -> Tuple[jax.Array, jax.Array]:
     (c,), (r,) = a.centres, a.radii
     return c - r, c + r
 

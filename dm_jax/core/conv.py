@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ _DN = ("NHWC", "HWIO", "NHWC")
 _NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs (HWIO), out
 
 
-def is_nhwc_conv(eqn) -> bool:
+def is_nhwc_conv(eqn: Any) -> bool:
   """A plain NHWC/HWIO ``conv_general_dilated`` equation (no dilation, no groups)."""
   p = eqn.params
   dn = p["dimension_numbers"]
@@ -64,7 +65,8 @@ def _kernel_gradient(x, g, kernel_shape, strides, padding):
   return dk
 
 
-def conv_input_transpose(A, kernel, strides, padding, in_hw):
+def conv_input_transpose(A: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                         padding: Any, in_hw: Tuple[int, int]) -> jax.Array:
   """Transpose w.r.t. the input of an NHWC/HWIO convolution, applied to ``A``.
 
   Args:
@@ -136,7 +138,8 @@ _conv_input_transpose.defvjp(_conv_input_transpose_fwd, _conv_input_transpose_bw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x, kernel, strides, padding):
+def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+           padding: Any) -> jax.Array:
   """``lax.conv_general_dilated(x, kernel, strides, padding)`` (NHWC/HWIO) whose input
   gradient is :func:`conv_input_transpose` (2-3x faster than XLA's for strided convs)."""
   return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
@@ -158,9 +161,12 @@ def _conv2d_bwd(strides, padding, res, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         batch_group_count=1, precision=None, preferred_element_type=None):
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation: Optional[Sequence[int]] = None,
+                         rhs_dilation: Optional[Sequence[int]] = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None) -> jax.Array:
   """``lax.conv_general_dilated`` with :func:`conv2d`'s input gradient where it applies.
 
   Same signature and forward values. Where :func:`dm_jax.core.fast_paths.enabled` (on

@@ -8,7 +8,7 @@ images).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,7 @@ class InputSet:
   k: Optional[int] = None
   domain: Optional[Tuple[float, float]] = None
 
-  def take(self, fn) -> "InputSet":
+  def take(self, fn: Callable[[jax.Array], jax.Array]) -> "InputSet":
     """The set with ``fn`` applied to its batch-leading arrays (``x`` and ``eps``), e.g.
     a slice of the batch."""
     return dataclasses.replace(self, x=fn(self.x), eps=fn(self.eps))
@@ -88,13 +88,13 @@ jax.tree_util.register_dataclass(InputSet, data_fields=["x", "eps"],
                                 meta_fields=["norm", "k", "domain"])
 
 
-def topk_sum(t, k: int):
+def topk_sum(t: jax.Array, k: int) -> jax.Array:
   """Sum of the k largest entries along the last axis (all of them if fewer)."""
   k = min(k, t.shape[-1])
   return jnp.sum(jax.lax.top_k(t, k)[0], axis=-1)
 
 
-def l0_moves(iset: "InputSet", coef, x):
+def l0_moves(iset: "InputSet", coef: jax.Array, x: jax.Array) -> jax.Array:
   """Per-coordinate (increase, decrease) of ``<coef, x'>`` when coordinate i alone moves
   from ``x_i`` anywhere in the domain (default [0, 1]); both >= 0, shape of coef."""
   lo, hi = iset.domain if iset.domain is not None else (0.0, 1.0)
@@ -103,7 +103,8 @@ def l0_moves(iset: "InputSet", coef, x):
           jnp.maximum(-jnp.minimum(to_hi, to_lo), 0.0))
 
 
-def max_decrease(iset: "InputSet", coef, x, eps):
+def max_decrease(iset: "InputSet", coef: jax.Array, x: jax.Array,
+                 eps: jax.Array) -> jax.Array:
   """``max over the set of -<coef, x' - x>`` for l2, l1 and l0 sets.
 
   Args:
@@ -129,7 +130,8 @@ def _is_concrete(value) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
-def make_input_set(x, eps, norm="linf", k=None, domain=None) -> InputSet:
+def make_input_set(x: jax.Array, eps: Any, norm: Any = "linf", k: Optional[int] = None,
+                   domain: Optional[Tuple[float, float]] = None) -> InputSet:
   """Validates arguments and builds an :class:`InputSet`.
 
   Args:
@@ -200,7 +202,7 @@ def _domain_ok(iset: InputSet, p: np.ndarray, x: np.ndarray) -> np.ndarray:
   return ((p >= box[0]) & (p <= box[1])) | (p == x)
 
 
-def contains(iset: InputSet, points) -> np.ndarray:
+def contains(iset: InputSet, points: Any) -> np.ndarray:
   """Whether ``points[b]`` lies in the set around ``x[b]``: (B,) bool.
 
   Checked on the host in float64, without tolerance: ``|p - x| <= eps`` element-wise
@@ -227,7 +229,7 @@ def contains(iset: InputSet, points) -> np.ndarray:
   return ok & (size <= eps[:, 0])
 
 
-def pull_inside(iset: InputSet, points) -> np.ndarray:
+def pull_inside(iset: InputSet, points: Any) -> np.ndarray:
   """``points`` moved into the set where float rounding left them just outside, in the
   dtype of ``x``: (B, ...).
 

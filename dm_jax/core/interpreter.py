@@ -12,7 +12,7 @@ it never rewrites a jaxpr.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple
 
 import jax
 from jax.extend import core as jex_core
@@ -26,7 +26,7 @@ CALL_PRIMITIVES = frozenset({
 _CALL_BODY_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
-def trace(apply_fn: Callable, params: Any, x: jax.Array):
+def trace(apply_fn: Callable, params: Any, x: jax.Array) -> Tuple[Any, List[Any]]:
   """Traces ``apply_fn(params, x)``.
 
   Returns:
@@ -57,7 +57,7 @@ def trace(apply_fn: Callable, params: Any, x: jax.Array):
   return closed, leaves
 
 
-def body_of(eqn) -> Any:
+def body_of(eqn: Any) -> Any:
   """The (Closed)Jaxpr body of a call-like equation, or None."""
   if eqn.primitive.name not in CALL_PRIMITIVES:
     return None
@@ -74,7 +74,7 @@ def _split(body):
   return body, []
 
 
-def live_equations(jaxpr) -> List[Any]:
+def live_equations(jaxpr: Any) -> List[Any]:
   """The equations that contribute to the outputs (dead code removed), in order."""
   needed = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
   keep = []
@@ -85,7 +85,7 @@ def live_equations(jaxpr) -> List[Any]:
   return keep[::-1]
 
 
-def interpret(body, args: Sequence[Any], is_abstract: Callable[[Any], bool],
+def interpret(body: Any, args: Sequence[Any], is_abstract: Callable[[Any], bool],
               rule: Callable[[Any, List[Any]], List[Any]]) -> List[Any]:
   """Evaluates a (Closed)Jaxpr on a mix of concrete and abstract values.
 

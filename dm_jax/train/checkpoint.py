@@ -12,14 +12,14 @@ Nothing is ever pickled or unpickled. A state with a non-finite array is refused
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 
-def all_finite(tree) -> bool:
+def all_finite(tree: Any) -> bool:
   """True if every floating leaf of ``tree`` is finite."""
   for leaf in jax.tree_util.tree_leaves(tree):
     arr = np.asarray(leaf)
@@ -42,10 +42,10 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def all_steps(self):
+  def all_steps(self) -> List[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, meta: Dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, meta: Dict[str, Any]) -> None:
     """Saves (synchronously). Raises FloatingPointError for a non-finite state."""
     if not all_finite(state):
       raise FloatingPointError(
@@ -54,7 +54,8 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
 
-  def restore(self, target_state, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
+  def restore(self, target_state: Any,
+              step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
     """Restores ``(state, meta)``; ``target_state`` gives the structure and dtypes."""
     if step is None:
       step = self.latest_step()
@@ -86,7 +87,7 @@ class Checkpointer:
     self.close()
 
 
-def latest_step(directory) -> Optional[int]:
+def latest_step(directory: Union[str, Path]) -> Optional[int]:
   """The newest checkpoint step under ``directory`` (None if there is none)."""
   directory = Path(directory)
   if not directory.is_dir():

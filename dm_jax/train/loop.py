@@ -185,7 +185,7 @@ class TrainState:
 # ----------------------------------------------------------------------------- setup
 
 
-def make_apply_fn(config: TrainConfig, model) -> Callable:
+def make_apply_fn(config: TrainConfig, model: Any) -> Callable:
   """``(params, x) -> logits``; with ``normalize`` the per-channel normalisation is inside."""
   if not config.normalize:
     return model.apply
@@ -200,19 +200,21 @@ def make_apply_fn(config: TrainConfig, model) -> Callable:
   return apply_fn
 
 
-def build_model(config: TrainConfig, num_classes: int):
+def build_model(config: TrainConfig, num_classes: int) -> Tuple[Any, Callable]:
   model = get_model(config.arch, num_classes=num_classes, ensemble=config.ensemble)
   return model, make_apply_fn(config, model)
 
 
-def make_optimizer(config: TrainConfig, sched: schedules.ResolvedSchedule):
+def make_optimizer(config: TrainConfig,
+                   sched: schedules.ResolvedSchedule) -> optax.GradientTransformation:
   adam = optax.adam(sched.learning_rate())
   if config.grad_clip and config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adam)
   return adam
 
 
-def create_train_state(config: TrainConfig, key, input_shape, *, model=None, tx=None,
+def create_train_state(config: TrainConfig, key: jax.Array, input_shape: Tuple[int, ...], *,
+                       model: Any = None, tx: Optional[optax.GradientTransformation] = None,
                        num_classes: Optional[int] = None) -> TrainState:
   """Initialises params (N(0, 1/fan_in)), the optimizer state, step 0 and the key."""
   if model is None:
@@ -258,9 +260,10 @@ def _tree_all_finite(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, tx,
-                    sched: schedules.ResolvedSchedule, *, make_hyper=None,
-                    prune: Optional[bool] = None, mesh=None):
+def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable,
+                    tx: optax.GradientTransformation, sched: schedules.ResolvedSchedule, *,
+                    make_hyper: Optional[Callable] = None, prune: Optional[bool] = None,
+                    mesh: Any = None) -> Callable:
   """The jit-compiled ``train_step(state, x, y, kappa=None) -> (state, metrics)``.
 
   ``loss_fn(params, apply_fn, x, y, hyper, key) -> (loss, metrics)`` is the method's
@@ -312,7 +315,7 @@ def make_train_step(config: TrainConfig, apply_fn: Callable, loss_fn: Callable, 
   return jax.jit(train_step, out_shardings=sharding.replicated_sharding(mesh))
 
 
-def hyper_value(hyper, name, default):
+def hyper_value(hyper: Any, name: str, default: float) -> jax.Array:
   return jnp.asarray(getattr(hyper, name, default), jnp.float32)
 
 
@@ -353,7 +356,7 @@ class Evaluator:
     self._logits = jax.jit(logits_fn)
     self._cert = jax.jit(cert_fn)
 
-  def test_accuracy(self, params) -> float:
+  def test_accuracy(self, params: Any) -> float:
     bs = self.config.eval_batch_size
     n = len(self.x_test)
     correct = 0
@@ -366,7 +369,7 @@ class Evaluator:
       correct += int(np.sum(pred == self.y_test[i:i + bs]))
     return correct / max(n, 1)
 
-  def certified(self, params, eps: float) -> Tuple[float, float, float]:
+  def certified(self, params: Any, eps: float) -> Tuple[float, float, float]:
     if len(self.x_cert) == 0:
       return float("nan"), float("nan"), float("nan")
     acc, s, v = self._cert(params, self.x_cert, self.y_cert, jnp.float32(eps))
@@ -387,9 +390,11 @@ def default_workdir(dataset: str, method: str, arch: str, eps_train: float) -> s
   return f"./runs/{dataset}_{method.replace('*', 'star')}_{arch}_eps{eps_train:.4g}"
 
 
-def train(config: TrainConfig, dataset, *, resume: bool = True, method=None,
+def train(config: TrainConfig, dataset: data_lib.Dataset, *, resume: bool = True,
+          method: Any = None,
           callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
-          max_steps: Optional[int] = None, make_hyper=None):
+          max_steps: Optional[int] = None, make_hyper: Optional[Callable] = None
+          ) -> Tuple[TrainState, List[Dict[str, Any]]]:
   """Trains ``config`` on ``dataset``; returns ``(state, history)``.
 
   Args:
@@ -676,7 +681,7 @@ def _prune(state: TrainState, threshold: float) -> TrainState:
   return state.replace(params=params, masks=masks)
 
 
-def load_config(workdir) -> Tuple[Path, TrainConfig]:
+def load_config(workdir: Any) -> Tuple[Path, TrainConfig]:
   """``(workdir, config)``: the training configuration saved with the latest checkpoint
   of a run's ``workdir`` (or of its ``checkpoints/`` folder, also accepted)."""
   from dm_jax.train.checkpoint import Checkpointer, latest_step
@@ -693,7 +698,8 @@ def load_config(workdir) -> Tuple[Path, TrainConfig]:
                                  for k, v in saved.items() if k in fields})
 
 
-def load_params(workdir, config: TrainConfig, input_shape, num_classes: int):
+def load_params(workdir: Any, config: TrainConfig, input_shape: Tuple[int, ...],
+                num_classes: int) -> TrainState:
   """Restores the params of the latest checkpoint in ``workdir`` (for certification)."""
   from dm_jax.train.checkpoint import Checkpointer
   sched = schedules.resolve(config.dataset, 1 << 30, eps_final=config.eps_train,

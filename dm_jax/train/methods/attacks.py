@@ -1,7 +1,7 @@
 """Attacks of the training methods: PGD (Madry et al. 2018) and TRADES' KL attack."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -105,10 +105,12 @@ def check_attack_norm(norm: str) -> str:
   return norm
 
 
-def pgd_attack(apply_fn: Callable, params, x: jax.Array, y: jax.Array, eps, key: jax.Array,
+def pgd_attack(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Array, eps: Any,
+               key: jax.Array,
                steps: int = 40, step_size: float = 0.01, norm: str = "linf",
                domain: Optional[Tuple[float, float]] = (0.0, 1.0), restarts: int = 1,
-               loss: str = "ce", random_start: bool = True, x_init=None,
+               loss: str = "ce", random_start: bool = True,
+               x_init: Optional[jax.Array] = None,
                unroll: Optional[bool] = None) -> jax.Array:
   """Projected gradient descent (Madry et al. 2018) on the l-inf or l2 ball.
 
@@ -166,7 +168,8 @@ def softmax_kl(logits_p: jax.Array, logits_q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 
-def trades_attack(apply_fn: Callable, params, x: jax.Array, eps, key: jax.Array, steps: int,
+def trades_attack(apply_fn: Callable, params: Any, x: jax.Array, eps: Any, key: jax.Array,
+                  steps: int,
                   step_size: float, norm: str = "linf",
                   domain: Optional[Tuple[float, float]] = (0.0, 1.0)) -> jax.Array:
   """TRADES' inner maximisation: PGD on KL(p(x) || p(x')) from x + 0.001 N(0, 1).

@@ -71,7 +71,7 @@ class Hyper:
   kappa: jax.Array
 
   @classmethod
-  def create(cls, eps=0.0, lam=0.0, kappa=1.0) -> "Hyper":
+  def create(cls, eps: Any = 0.0, lam: Any = 0.0, kappa: Any = 1.0) -> "Hyper":
     f = lambda t: jnp.asarray(t, dtype=jnp.float32)
     return cls(eps=f(eps), lam=f(lam), kappa=f(kappa))
 
@@ -269,7 +269,9 @@ def interval_margins(lower: jax.Array, upper: jax.Array, labels: jax.Array) -> j
   return jnp.take_along_axis(lower, labels[:, None], axis=-1) - upper
 
 
-def margin_lower_bounds(apply_fn, params, x, y, eps, norm, method, domain, k, **kw):
+def margin_lower_bounds(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Array, eps: Any,
+                        norm: str, method: str, domain: Optional[Tuple[float, float]],
+                        k: Optional[int], **kw: Any) -> jax.Array:
   """:func:`dm_jax.bounds.linear.margin_lower_bounds` (B, K), imported when the loss is traced."""
   from dm_jax.bounds import linear  # pylint: disable=import-outside-toplevel
   return linear.margin_lower_bounds(apply_fn, params, x, y, eps, norm, method=method,

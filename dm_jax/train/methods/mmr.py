@@ -2,6 +2,8 @@
 regions)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -12,7 +14,7 @@ from dm_jax.train.methods.attacks import flat_norm
 from dm_jax.train.methods.base import LossFn, MethodSpec, Options, accuracy, cross_entropy, register
 
 
-def relu_preactivations(apply_fn, params, x: jax.Array) -> jax.Array:
+def relu_preactivations(apply_fn: Callable, params: Any, x: jax.Array) -> jax.Array:
   """Every ReLU input at x, flattened and concatenated: (B, U).
 
   Interval bounds with eps = 0 carry the exact values (lower == upper == value).

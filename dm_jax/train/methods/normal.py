@@ -1,13 +1,18 @@
 """Plain and weight-penalised training: ``normal``, ``l1``, ``l2``."""
 from __future__ import annotations
 
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+
 from dm_jax.train.methods.base import MethodSpec, accuracy, cross_entropy, register
 
 DEFAULT_L1 = 2e-5   # SPEC.md (SingleProp): 2e-5 * sum_i ||W_i||_{op,inf}
 DEFAULT_L2 = 1e-4   # (choice) the paper gives none
 
 
-def normal_loss(params, apply_fn, x, y, hyper, key):
+def normal_loss(params: Any, apply_fn: Callable, x: jax.Array, y: jax.Array, hyper: Any,
+                key: Optional[jax.Array]) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """CE(f(x), y) (+ l1 / l2 weight penalties)."""
   del hyper, key
   logits = apply_fn(params, x)
