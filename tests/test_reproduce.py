@@ -137,7 +137,7 @@ def test_render_keeps_ours_and_the_papers_apart(reproduce, tmp_path, monkeypatch
 def _fake_selection(names_distances, eps):
   rows = [{"name": n, "method": n, "options": {}, "distance": d, "verdict": d < 10,
            "cosine": 0.5, "iterations": 7, "converged": True, "rank": i + 1,
-           "best_scale": 0.5, "scaled_distance": d / 2}
+           "best_scale": 0.5, "scaled_distance": 0.1 if n == "l1" else d / 2}
           for i, (n, d) in enumerate(names_distances)]
   runs = {n: {"objective": 100 + d, "cert_acc": 0.0} for n, d in names_distances}
   runs["none"] = {"objective": 200.0, "cert_acc": 0.0}
@@ -182,7 +182,9 @@ def test_select_cells_read_their_source_and_render_both_measurements(
   assert "| 3 | l2 | 2.5 | yes | 0.500 | 7 | 0.5 | 1.25 | 102.5 | 0.0% | no cell |" in section
   assert "| 5 | crown_ibp | 4 | yes | 0.500 | 7 | 0.5 | 2 | 104 | 0.0% | not run |" in section
   # distances 1 < 2 < 3 against uncertified shares 0.1 < 0.3 < 0.9: rho = +1.
-  assert "Table 2 networks' uncertified share: +1.00 (3 of 5" in section
+  assert "Table 2 networks' uncertified share: +1.00 (" in section
+  # at the best scale l1 comes first (0.1 < 0.5 < 1), the measurement puts it last
+  assert "(by the distance at the best scale: -0.50; 3 of 5" in section
   assert "fine-tuning: +1.00" in section and "uncertified share: undefined" in section
 
 
