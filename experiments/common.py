@@ -116,6 +116,10 @@ flags.DEFINE_bool("ibp_margin", None, "IBP: the robust term on the margins' lowe
                   "bounds with the specification folded into the last affine layer "
                   "(Gowal et al.'s tighter form) instead of the worst-case logits; "
                   "default: the dataset's.")
+flags.DEFINE_bool("loss_fusion", None, "crown_ibp: train on an upper bound of the "
+                  "worst-case cross-entropy by one CROWN backward row (loss fusion, "
+                  "dm_jax.bounds.loss_fusion; ~6x faster steps, an objective near IBP's) "
+                  "instead of CE(-lb) over K - 1 rows; default: off.")
 flags.DEFINE_bool("cert_domain", None, "Certify (final table and per-epoch IBP check) on "
                   "the eps ball intersected with the data box [0, 1] (the threat model of "
                   "Gowal et al. and Zhang et al.); off: the plain ball; default: the "
@@ -214,6 +218,8 @@ def build_config(defaults: DatasetDefaults):
   lam_form = setting("lam_form", defaults)
   if FLAGS.projections:
     method_kwargs["bounded_projections"] = FLAGS.projections
+  if FLAGS.loss_fusion is not None:
+    method_kwargs["loss_fusion"] = FLAGS.loss_fusion
   try:
     methods.get_method(method, norm=norm, k=k, l1=FLAGS.l1, prune=FLAGS.prune, adv=FLAGS.adv,
                        lam_form=lam_form, **method_kwargs)

@@ -190,6 +190,10 @@ _TABLE2_MNIST_CELLS = (
          paper=("IBP *",)),
     Cell("crown_ibp", "CROWN-IBP", ("--method=crown_ibp", "--schedule=proportional"),
          epochs=20),
+    # Not in the paper: CROWN-IBP's step with loss fusion (one backward row instead of
+    # K - 1, ~6x faster), beside the cell above at the same budget.
+    Cell("crown_ibp_fused", "CROWN-IBP, loss fusion (ours)",
+         ("--method=crown_ibp", "--loss_fusion", "--schedule=proportional"), epochs=20),
     Cell("relu_stability", "ReLU Stability", ("--method=relu_stability",),
          paper=("ReLU Stability",)),
     Cell("l1_rs_pruning", "L1+RS+Pruning", ("--method=relu_stability", "--l1=2e-5",

@@ -107,6 +107,7 @@ def test_mnist_small_cnn_brief_command(tmp_path):
     ("experiments.gtsrb", "--no_such_flag=1", "no_such_flag"),
     ("experiments.mnist", "--epochs=two", "epochs"),
     ("experiments.mnist", "--method=ibp --dm_domain", "dm_domain"),
+    ("experiments.mnist", "--method=ibp --loss_fusion", "loss_fusion"),
     ("experiments.mnist", "--kappa_final=1.5", "kappa_final"),
     ("experiments.mnist", "--pgd_steps=0", "pgd_steps"),
     ("experiments.mnist", "--eps_grid=0.3,0.1", "eps_grid"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from dm_jax.core.input_sets import make_input_set
 from dm_jax.train.methods.base import (LAM_FORMS, LossFn, MethodSpec, Options, accuracy,
                                        cross_entropy, margin_certified, margin_lower_bounds,
                                        register)
@@ -19,6 +20,9 @@ def _linear_loss(lin_method: str, options: Options) -> LossFn:
   # Under grad, blocking the batch (linear.default_batch_block) made the CROWN-IBP step
   # no faster (measured, docs/benchmarks.md); Fast-Lin's step it makes 2.5x faster.
   block = dict(batch_block=0) if lin_method == "crown_ibp" else {}
+
+  if options.get("loss_fusion", False):
+    return _fused_loss(options)
 
   def loss_fn(params, apply_fn, x, y, hyper, key):
     logits = apply_fn(params, x)
@@ -42,10 +46,37 @@ def _linear_loss(lin_method: str, options: Options) -> LossFn:
   return loss_fn
 
 
-def _check_beta(options: Options) -> None:
+def _fused_loss(options: Options) -> LossFn:
+  """kappa CE(f(x)) + (1 - kappa) U, U the loss-fusion upper bound of the worst-case CE
+  (:func:`dm_jax.bounds.loss_fusion.cross_entropy_upper_bound`: one backward row
+  instead of K - 1; beta mixes the bounds of the exponentials' sum)."""
+  norm, domain, k = options["norm"], options["domain"], options["k"]
+  beta_option = options["crown_ibp_beta"]
+
+  def loss_fn(params, apply_fn, x, y, hyper, key):
+    del key
+    # Imported when traced, as base.margin_lower_bounds does (methods import no bounds).
+    from dm_jax.bounds import loss_fusion  # pylint: disable=import-outside-toplevel
+    logits = apply_fn(params, x)
+    ce = cross_entropy(logits, y)
+    beta = hyper.lam if beta_option == "lam" else beta_option
+    upper, lb_ibp = loss_fusion.cross_entropy_upper_bound(
+        apply_fn, params, make_input_set(x, hyper.eps, norm, k, domain), y, beta=beta)
+    robust = upper.mean()
+    loss = hyper.kappa * ce + (1 - hyper.kappa) * robust
+    # No margins of CROWN-IBP's are computed: the certified share is IBP's (folded).
+    return loss, {"ce_clean": ce, "robust_loss": robust, "acc": accuracy(logits, y),
+                  "ibp_cert_acc": margin_certified(lb_ibp, y)}
+
+  return loss_fn
+
+
+def _check_crown_ibp(options: Options) -> None:
   beta = options["crown_ibp_beta"]
   if not (isinstance(beta, str) and beta == "lam" or isinstance(beta, (int, float))):
     raise ValueError(f"crown_ibp_beta must be a float or 'lam'; got {beta!r}.")
+  if not isinstance(options["loss_fusion"], bool):
+    raise ValueError(f"loss_fusion must be True or False; got {options['loss_fusion']!r}.")
 
 
 def _check_projections(options: Options) -> Dict[str, Any]:
@@ -67,13 +98,23 @@ def _describe_bounded(options: Options) -> str:
              "exact intermediate bounds (no random projections)") + ".")
 
 
+def _describe_crown_ibp(options: Options) -> str:
+  beta = options["crown_ibp_beta"]
+  if options["loss_fusion"]:
+    return ("CROWN-IBP with loss fusion (Zhang et al. 2020; Xu et al. 2020): kappa "
+            "CE(f(x)) + (1 - kappa) U, U an upper bound of the worst-case CE by one "
+            "CROWN backward row over IBP intermediate bounds (each exp(f_j - f_y) below "
+            "its secant over IBP's interval); beta-mix with IBP's bound of the "
+            f"exponentials' sum: beta={beta}.")
+  return ("CROWN-IBP (Zhang et al. 2020): kappa CE(f(x)) + (1 - kappa) CE(-lb), lb the "
+          "CROWN-IBP margin lower bounds (IBP intermediate bounds, one CROWN backward "
+          f"pass); beta-mix with IBP margins: beta={beta}.")
+
+
 register(MethodSpec(
-    "crown_ibp", build=lambda o: _linear_loss("crown_ibp", o), options=("crown_ibp_beta",),
-    validate=_check_beta, kappa_lam_forms=LAM_FORMS,
-    describe=lambda o: ("CROWN-IBP (Zhang et al. 2020): kappa CE(f(x)) + (1 - kappa) "
-                        "CE(-lb), lb the CROWN-IBP margin lower bounds (IBP intermediate "
-                        "bounds, one CROWN backward pass); beta-mix with IBP margins: beta="
-                        f"{o['crown_ibp_beta']}.")))
+    "crown_ibp", build=lambda o: _linear_loss("crown_ibp", o),
+    options=("crown_ibp_beta", "loss_fusion"), extra_options={"loss_fusion": False},
+    validate=_check_crown_ibp, kappa_lam_forms=LAM_FORMS, describe=_describe_crown_ibp))
 register(MethodSpec(
     "bounded", build=lambda o: _linear_loss("fastlin", o), options=("bounded_projections",),
     validate=_check_projections, kappa_lam_forms=LAM_FORMS, describe=_describe_bounded))
