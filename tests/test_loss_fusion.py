@@ -186,3 +186,18 @@ def test_crown_ibp_method_with_loss_fusion_trains_and_describes_itself():
     get_method("crown_ibp", loss_fusion="yes")
   with pytest.raises(ValueError):
     get_method("ibp", loss_fusion=True)
+
+
+def test_gap_benchmark_row_orders_the_bounds_above_pgd():
+  from benchmarks import loss_fusion_gap
+  model = TinyCNN()
+  params = helpers.init_params(model, (6, 6, 1), seed=7, bias_std=0.2)
+  rng = np.random.default_rng(7)
+  x = rng.uniform(0.0, 1.0, (6, 6, 6, 1)).astype(np.float32)
+  y = np.arange(6) % 4
+  row = loss_fusion_gap.gap_row(model.apply, params, x, y, 0.05, (0.0, 1.0),
+                                jax.random.PRNGKey(0), batch_size=4)
+  assert set(row) == set(loss_fusion_gap.COLUMNS)
+  assert row["clean"] <= row["pgd"] + 1e-6
+  for bound in ("fused", "crown_ibp", "ibp"):
+    assert row[bound] >= row["pgd"] - 1e-5, row
