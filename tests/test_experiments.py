@@ -44,10 +44,11 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   out = r.stdout.lower()
   assert ("fastlin" in out or "cnn-cert-relu" in out) and "ibp" in out and "best" in out
   table = json.loads((workdir / "certified.json").read_text())
-  assert table["num_points"] == 20 and table["method"] == "dm_ibp_v"
-  # MNIST's defaults: the recipe of docs/recipes.md, certified on the ball and the box
+  assert table["num_points"] == 20 and table["method"] == "dm_s_only"
+  # MNIST's defaults: the recipe of docs/recipes.md (Variation 1 on the ball), certified
+  # on the ball and the box
   assert table["lam_form"] == "kappa" and table["config"]["schedule"] == "proportional"
-  assert table["config"]["method_kwargs"] == {"dm_loss": "folded", "dm_domain": True}
+  assert table["config"]["method_kwargs"] == {"dm_loss": "folded"}
   assert table["config"]["kappa_final"] == 0.25 and "kappa_final=0.25" in r.stdout
   assert table["cert_domain"] == [0.0, 1.0] and "pgd" in table["table"]
   assert table["command"].startswith("python -m experiments.mnist --epochs=1")
