@@ -144,13 +144,24 @@ def _convex(g, dg, l, u):
 
 def _bisect(valid, lo, hi):
   """The ``hi`` end after :data:`BISECTION_STEPS` halvings that keep ``valid(hi)``
-  (``hi`` is returned unchanged where no midpoint is valid)."""
+  (``hi`` is returned unchanged where no midpoint is valid).
+
+  A ``lax.fori_loop`` when traced (one loop in the program, whatever the count); a
+  Python loop on concrete arrays, where a ``fori_loop`` would be compiled anew for every
+  call (its body closes over this call's function), which made eager bounds 0.3 s per
+  activation layer slower.
+  """
   def body(_, c):
     lo, hi = c
     mid = _mid(lo, hi)
     ok = valid(mid)
     return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-  return lax.fori_loop(0, BISECTION_STEPS, body, (lo, hi))[1]
+  if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+    return lax.fori_loop(0, BISECTION_STEPS, body, (lo, hi))[1]
+  carry = (lo, hi)
+  for i in range(BISECTION_STEPS):
+    carry = body(i, carry)
+  return carry[1]
 
 
 def _s_upper(g, dg, l, u):
@@ -201,6 +212,13 @@ _BY_CURVATURE = {
 }
 
 
+def _fallback(fallback, like):
+  """The fallback range broadcast to ``like``, NaN read as unbounded (-inf, inf): the
+  interval domain's centre and radius turn infinite ends into NaN after an affine map."""
+  lo, hi = (jnp.broadcast_to(jnp.asarray(f, like.dtype), like.shape) for f in fallback)
+  return jnp.where(jnp.isnan(lo), -jnp.inf, lo), jnp.where(jnp.isnan(hi), jnp.inf, hi)
+
+
 def lines(g: Fn, curvature: str, l: jax.Array, u: jax.Array,
           fallback: Tuple[jax.Array, jax.Array]) -> Lines:
   """Per-neuron linear lower and upper bounds of element-wise ``g`` over ``[l, u]``.
@@ -212,7 +230,8 @@ def lines(g: Fn, curvature: str, l: jax.Array, u: jax.Array,
     l, u: (B, *S) pre-activation bounds (ordered element-wise; ``l > u``, from rounding
       of an intersection, is read as ``[u, l]``).
     fallback: (lo, hi), each (B, *S): a sound range of ``g(x)`` (the output node's
-      interval), taken as constant lines where the lines are not finite.
+      interval; NaN read as unbounded), taken as constant lines where the lines are not
+      finite.
 
   Returns:
     :class:`Lines` of shape (B, *S).
@@ -227,7 +246,7 @@ def lines(g: Fn, curvature: str, l: jax.Array, u: jax.Array,
   lo_s, lo_b, up_s, up_b = _BY_CURVATURE[curvature](g, derivative(g), l0, u0)
   lo_ok = finite & jnp.isfinite(lo_s) & jnp.isfinite(lo_b)
   up_ok = finite & jnp.isfinite(up_s) & jnp.isfinite(up_b)
-  f_lo, f_hi = (jnp.broadcast_to(jnp.asarray(f, l.dtype), l.shape) for f in fallback)
+  f_lo, f_hi = _fallback(fallback, l)
   zero = jnp.zeros_like(l)
   return Lines(jnp.where(lo_ok, lo_s, zero), jnp.where(lo_ok, lo_b, f_lo),
                jnp.where(up_ok, up_s, zero), jnp.where(up_ok, up_b, f_hi))
@@ -245,7 +264,7 @@ def product_planes(x_bounds: Tuple[jax.Array, jax.Array],
   planes = (ly, lx, -lx * ly, uy, lx, -lx * uy)
   ok = jnp.all(jnp.stack([jnp.isfinite(t) for t in (lx, ux, ly, uy) + planes]), axis=0)
   zero = jnp.zeros_like(lx)
-  f_lo, f_hi = (jnp.broadcast_to(jnp.asarray(f, lx.dtype), lx.shape) for f in fallback)
+  f_lo, f_hi = _fallback(fallback, lx)
   ax_l, ay_l, c_l, ax_u, ay_u, c_u = planes
   pick = lambda t, f: jnp.where(ok, t, f)
   return Planes(pick(ax_l, zero), pick(ay_l, zero), pick(c_l, f_lo),
