@@ -3,16 +3,21 @@ tanh, logistic, erf, erfc, exp, expm1, log1p, softplus (``jnp.logaddexp``), |x|,
 integer powers and products of two input-dependent values.
 
 1. The lines of :func:`dm_jax.bounds.activations.lines` bound g at dense samples of
-   [l, u] for random intervals of every kind (degenerate, tiny, straddling 0, fully
-   negative or positive, very wide, overflowing, infinite), with the curvature the
-   primitive table claims; the claim itself is checked by second differences.
-   McCormick's planes bound x * y on dense grids of random boxes.
+   [l, u] (checked in float64, with a float32 slack) for random intervals of every kind
+   (degenerate, widths 1e-7 and 1e-6, straddling 0, fully negative or positive, +-50,
+   very wide, overflowing, infinite), jitted and eagerly, with the curvature the
+   primitive table claims; the claim itself is checked by second differences. Their
+   gradients in (l, u) are finite, also on degenerate intervals. McCormick's planes
+   bound x * y on dense grids of random boxes.
 2. Small MLPs with tanh / sigmoid / GELU (both forms) / softplus / SiLU / x**3 hidden
    layers: IBP and the linear methods (crown, fastlin, crown_ibp, crown ∩ IBP,
-   alpha-CROWN) bound the outputs at thousands of sampled and gradient-directed points
-   of the l-inf and l2 balls; the mean widths are printed (run with ``-s``) and CROWN
-   is not looser than IBP on average. A tiny conv net with tanh / GELU: the windowed
-   (patch) pass equals the dense one and is sound. Very wide balls give no NaN.
+   alpha-CROWN) bound the outputs at thousands of sampled, gradient-directed and PGD
+   (dm_jax's ``pgd_attack``) points of the l-inf ball, the l-inf ball within the box
+   [0, 1], and the l2 ball, and every margin's lower bound is below f_y - f_j at all of
+   them; the mean widths are printed (run with ``-s``) and CROWN is not looser than IBP
+   on average. A small CNN with tanh / GELU / sigmoid / softplus: the windowed (patch)
+   pass equals the dense one, its logit and margin bounds hold (l-inf, with and
+   without the box, l2). Very wide balls give no NaN.
 3. ``certify`` end to end on a Flax tanh model.
 4. The forward rules: exact interval images of valleys and products after one affine
    map; Double Margin through the monotone ones; jnp.logaddexp recognised as a
@@ -36,6 +41,7 @@ import helpers as U
 from dm_jax.bounds import activations, linear
 from dm_jax.core import interpreter, primitives
 from dm_jax.core.errors import UnsupportedPrimitiveError
+from dm_jax.train.methods import attacks
 from dm_jax.verify import certify as certify_lib
 
 # name -> (g, the table's rule name, the equation's params): the curvature the lines use
@@ -64,12 +70,13 @@ def curvature(name):
 
 
 def random_intervals(rng, n=60):
-  """(l, u) float32 of every kind: degenerate, tiny, small, straddling 0, fully
-  negative / positive, wide, very wide."""
+  """(l, u) float32 of every kind: degenerate, tiny (1e-7, 1e-6), small, straddling 0,
+  fully negative / positive, wide (+-50), very wide."""
   kinds = []
   c = lambda s: rng.normal(size=n) * s
   w = lambda s: np.abs(rng.normal(size=n)) * s
-  for centre, width in [(c(2.0), 0.0 * w(1)), (c(2.0), w(1e-6)), (c(0.5), w(0.05)),
+  for centre, width in [(c(2.0), 0.0 * w(1)), (c(2.0), w(1e-7)), (c(2.0), w(1e-6)),
+                        (c(0.5), w(0.05)), (c(20.0), w(50.0)), (0 * c(1), 50 + 0 * w(1)),
                         (c(0.1), w(1.0) + 0.2), (-2 - w(3), w(1.0)), (2 + w(3), w(1.0)),
                         (c(5.0), w(10.0)), (c(50.0), w(1e3)), (c(1e3), w(1e5))]:
     kinds.append((centre - width, centre + width))
@@ -139,6 +146,33 @@ class LinesTest(chex.TestCase):
     tol = 1e-5 * (1 + np.abs(gl) + np.abs(np.asarray(ln.up_s)[point] * l[point]))
     assert np.all(np.abs(at(ln.lo_s, ln.lo_b) - gl) <= tol), name
     assert np.all(np.abs(at(ln.up_s, ln.up_b) - gl) <= tol), name
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_edge_intervals_and_finite_gradients(self):
+    """Points, widths 1e-7 (around 0 too), [-50, 50] and its halves: the lines bound g
+    (float64 check, float32 slack), and their gradients in (l, u), as training takes
+    them, are finite for every function."""
+    ends = [(0.0, 0.0), (1.0, 1.0), (-3.0, -3.0), (30.0, 30.0), (0.0, 1e-7),
+            (-1e-7, 1e-7), (-1e-7, 0.0), (0.5, 0.5 + 1e-7), (-2.0, -2.0 + 1e-7),
+            (-50.0, 50.0), (-50.0, 0.0), (0.0, 50.0), (-50.0, -49.0), (49.0, 50.0),
+            (-0.5, 50.0), (-50.0, 0.5)]
+    l0, u0 = (np.asarray(e, np.float32) for e in zip(*ends))
+    for name, (g, _, _) in FUNCTIONS.items():
+      l, u = l0, u0
+      if name == "log1p":
+        l, u = np.maximum(l, -0.9).astype(np.float32), np.maximum(u, -0.9).astype(np.float32)
+      fallback = (jnp.full(l.shape, -jnp.inf), jnp.full(l.shape, jnp.inf))
+      fn = lambda a, b, g=g, name=name: activations.lines(g, curvature(name), a, b, fallback)
+      ln = self.variant(fn)(l, u)
+      assert_lines_bound(g, ln, l, u, name)
+
+      def value(a, b, fn=fn):  # the lines at the midpoint, summed (as a backward pass)
+        out = fn(a, b)
+        m = (a + b) / 2
+        return jnp.sum(out.lo_s * m + out.lo_b + out.up_s * m + out.up_b)
+
+      gl, gu = self.variant(jax.grad(value, argnums=(0, 1)))(l, u)
+      assert np.all(np.isfinite(gl)) and np.all(np.isfinite(gu)), (name, gl, gu)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_infinite_or_overflowing_bounds_fall_back(self):
@@ -236,9 +270,9 @@ class ConvNet(nn.Module):
     return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
 
-def directed_points(apply_fn, params, x, eps, norm, steps=10):
-  """Points of the ball found by projected (sign-)gradient steps that push every
-  output down and up (2 K rows per example): (B, 2K, ...)."""
+def directed_points(apply_fn, params, x, eps, norm, steps=10, domain=None):
+  """Points of the ball (inside ``domain``) found by projected (sign-)gradient steps that
+  push every output down and up (2 K rows per example): (B, 2K, ...)."""
   K = apply_fn(params, x[:1]).shape[-1]
   rows = jnp.concatenate([jnp.eye(K), -jnp.eye(K)])
 
@@ -248,24 +282,56 @@ def directed_points(apply_fn, params, x, eps, norm, steps=10):
     def step(_, z):
       gr = grad(z)
       if norm == "linf":
-        return jnp.clip(z - eps / 4 * jnp.sign(gr), x0 - eps, x0 + eps)
-      z = z - eps / 4 * gr / (jnp.linalg.norm(gr) + 1e-12)
-      d = z - x0
-      return x0 + d * jnp.minimum(1.0, eps / (jnp.linalg.norm(d) + 1e-12))
+        z = jnp.clip(z - eps / 4 * jnp.sign(gr), x0 - eps, x0 + eps)
+      else:
+        z = z - eps / 4 * gr / (jnp.linalg.norm(gr) + 1e-12)
+        d = z - x0
+        z = x0 + d * jnp.minimum(1.0, eps / (jnp.linalg.norm(d) + 1e-12))
+      return z if domain is None else jnp.clip(z, *domain)
 
     return lax.fori_loop(0, steps, step, x0)
 
   return jax.jit(jax.vmap(lambda x0: jax.vmap(lambda r: attack(x0, r))(rows)))(x)
 
 
-def sampled_envelope(apply_fn, params, x, eps, norm, n=3000, seed=0):
-  """(min, max) of the outputs over sampled and directed points of each ball."""
+def pgd_points(apply_fn, params, x, eps, norm, domain=None, steps=20):
+  """dm_jax's PGD (:func:`dm_jax.train.methods.attacks.pgd_attack`, margin loss) against
+  every label in turn, two restarts: (B, K, ...) points of the set, each pushing its
+  label's margin f_y - max_j f_j down."""
+  K = apply_fn(params, x[:1]).shape[-1]
+  step = eps / 4 if norm == "linf" else eps / 3
+  pts = [attacks.pgd_attack(apply_fn, params, x, jnp.full((x.shape[0],), y, jnp.int32),
+                            eps, jax.random.PRNGKey(y), steps=steps, step_size=step,
+                            norm=norm, domain=domain, restarts=2, loss="margin")
+         for y in range(K)]
+  return jnp.stack(pts, axis=1)
+
+
+def sampled_envelope(apply_fn, params, x, eps, norm, n=3000, seed=0, domain=None):
+  """(min, max) of the outputs over sampled, gradient-directed and PGD points of each
+  set (the ball, intersected with the box ``domain``), and the outputs at them."""
   rng = np.random.default_rng(seed)
   xn = np.asarray(x)
   pts = np.stack([U.sample_ball(rng, xn[b], eps, norm, n) for b in range(len(xn))])
-  pts = np.concatenate([pts, np.asarray(directed_points(apply_fn, params, x, eps, norm))], 1)
+  if domain is not None:  # (clipping to the box keeps a point in the ball: x is in it)
+    pts = np.clip(pts, *domain)
+  pts = np.concatenate(
+      [pts, np.asarray(directed_points(apply_fn, params, x, eps, norm, domain=domain)),
+       np.asarray(pgd_points(apply_fn, params, x, eps, norm, domain))], 1)
   vals = np.asarray(jax.vmap(lambda p: apply_fn(params, p))(jnp.asarray(pts)))
   return vals.min(1), vals.max(1), vals
+
+
+def assert_margins_hold(vals, margins, what):
+  """Every margin f_y - f_j at every point (vals: (B, P, K)) is at least its lower
+  bound ``margins[y]`` ((B, K), from margin_lower_bounds with label y for all)."""
+  for y, lb in enumerate(margins):
+    lb = np.asarray(lb, np.float64)
+    m = vals[:, :, y:y + 1].astype(np.float64) - vals  # (B, P, K)
+    tol = U.RTOL * (1 + np.abs(lb))[:, None]
+    gap = lb[:, None] - tol - m
+    assert np.all(gap <= 0), (f"{what}: a margin f_{y} - f_j lies below its bound by "
+                              f"{gap.max():.3g}")
 
 
 NET_METHODS = ("crown", "fastlin", "crown_ibp", "crown_intersect")
@@ -298,18 +364,58 @@ class NetworkTest(chex.TestCase):
     print(f"\nmean widths {act}: " + ", ".join(f"{n}/{m} {w:.3g}"
                                               for (n, m), w in widths.items()))
 
-  @parameterized.parameters("tanh", "gelu")
-  def test_conv_patches_equal_dense_and_contain_samples(self, act):
+  @parameterized.product(act=("gelu", "tanh", "sigmoid", "softplus", "gelu_exact"),
+                         threat=("linf", "linf_box", "l2"))
+  def test_mlp_margins_hold_at_sampled_and_pgd_points(self, act, threat):
+    """Every margin's lower bound (crown, fastlin, crown_ibp, crown ∩ IBP; label y for
+    each y) is below f_y - f_j at sampled, gradient-directed and PGD points of the
+    l-inf ball, the l-inf ball within the box [0, 1], and the l2 ball; and each logit's
+    bounds (IBP's too) contain its sampled values."""
+    model = MLP(act)
+    rng = np.random.default_rng(20)
+    x = rng.uniform(0, 1, (3, 5))
+    x[0, :2], x[1, 3] = 0.0, 1.0  # on the box's faces
+    x = jnp.asarray(x, jnp.float32)
+    params = U.init_params(model, (5,), seed=21, weight_scale=1.5)
+    norm, eps = ("l2", 0.3) if threat == "l2" else ("linf", 0.15)
+    domain = (0.0, 1.0) if threat == "linf_box" else None
+    vmin, vmax, vals = sampled_envelope(model.apply, params, x, eps, norm, n=2000,
+                                        domain=domain)
+    ib = dm_jax.interval_bounds(model.apply, params, x, eps, norm, domain=domain)
+    U.assert_within(ib.lower, ib.upper, vmin, vmax, f"{act} ibp {threat}")
+    for certifier in NET_METHODS:
+      method, intersect = certify_lib.linear_options(certifier)
+      b = linear.linear_bounds(model.apply, params, x, eps, norm, method=method,
+                               domain=domain, intersect_ibp=intersect)
+      U.assert_within(b.lower, b.upper, vmin, vmax, f"{act} {certifier} {threat}")
+      margins = [linear.margin_lower_bounds(
+          model.apply, params, x, jnp.full((3,), y), eps, norm, method=method,
+          domain=domain, intersect_ibp=intersect) for y in range(3)]
+      assert_margins_hold(vals, margins, f"{act} {certifier} {threat}")
+
+  @parameterized.parameters(("gelu", "linf", None), ("tanh", "linf", None),
+                            ("gelu", "linf", (0.0, 1.0)), ("sigmoid", "linf", (0.0, 1.0)),
+                            ("tanh", "l2", None), ("softplus", "l2", None))
+  def test_conv_patches_equal_dense_and_contain_samples(self, act, norm, domain):
+    """A small CNN: the windowed (patch) pass equals the dense one; its logit and
+    margin bounds hold at sampled and PGD points."""
     model = ConvNet(act)
     x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (2, 8, 8, 1)), jnp.float32)
     params = U.init_params(model, (8, 8, 1), seed=5)
-    eps = 0.05
-    fast = linear.linear_bounds(model.apply, params, x, eps, method="crown")
-    dense = linear.linear_bounds(model.apply, params, x, eps, method="crown",
-                                 use_patches=False)
+    eps = 0.05 if norm == "linf" else 0.3
+    fast = linear.linear_bounds(model.apply, params, x, eps, norm, method="crown",
+                                domain=domain)
+    dense = linear.linear_bounds(model.apply, params, x, eps, norm, method="crown",
+                                 use_patches=False, domain=domain)
     chex.assert_trees_all_close(fast, dense, rtol=1e-5, atol=1e-5)
-    vmin, vmax, _ = sampled_envelope(model.apply, params, x, eps, "linf", n=500)
+    vmin, vmax, vals = sampled_envelope(model.apply, params, x, eps, norm, n=500,
+                                        domain=domain)
     U.assert_within(fast.lower, fast.upper, vmin, vmax, f"conv {act}")
+    for method in ("crown", "crown_ibp"):
+      margins = [linear.margin_lower_bounds(model.apply, params, x, jnp.full((2,), y),
+                                            eps, norm, method=method, domain=domain)
+                 for y in range(3)]
+      assert_margins_hold(vals, margins, f"conv {act} {method} {norm} {domain}")
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_equals_eager_and_gradient_is_finite(self):

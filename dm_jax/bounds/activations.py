@@ -28,8 +28,10 @@ slope ``a`` as the extreme of ``g(x) - a x`` over [l, u], at the points where it
 tangent at m, ``min g(x) - a x`` is at m; for S-shaped g and a tangent at d in the
 concave part, ``max g(x) - a x`` is at l, d or u). So an unconverged bisection costs
 tightness only, and a secant slope spoiled by cancellation on a tiny interval still
-gives a sound line (``g(x) - a x`` is convex for convex g, whatever a is). Degenerate
-intervals (l == u) get the tangent slope and the exact value.
+gives a sound line (``g(x) - a x`` is convex for convex g, whatever a is). Intervals
+narrower than eps ** (1/3) (relative; 5e-3 in float32) take the midpoint's tangent slope
+in place of the secant's, whose gradient is rounding noise there; degenerate intervals
+(l == u) get the tangent slope and the exact value.
 
 Where a bound or a line is not finite (exp overflowing, an infinite intermediate bound),
 the neuron falls back to constant lines at its output's interval (the tape's, sound
@@ -103,9 +105,22 @@ def _mid(l, u):
 
 
 def _secant_slope(g, dg, l, u):
+  """The secant's slope on [l, u]; on intervals narrower than :func:`_min_secant_width`
+  the tangent's at the midpoint instead (any slope is sound, the intercepts being
+  recomputed; the secant's gradient, ``(g'(u) - k) / (u - l)``, computed as a difference
+  of two terms of order ``1 / (u - l)^2``, is rounding noise there, and NaN on a
+  zero-width interval)."""
   width = u - l
-  wide = width > 0
-  return jnp.where(wide, (g(u) - g(l)) / jnp.where(wide, width, 1), dg(_mid(l, u)))
+  m = _mid(l, u)
+  wide = width > _min_secant_width(l.dtype) * (1 + jnp.abs(m))
+  return jnp.where(wide, (g(u) - g(l)) / jnp.where(wide, width, 1), dg(m))
+
+
+def _min_secant_width(dtype):
+  """The relative width below which a secant's slope is taken as the tangent's at the
+  midpoint: eps ** (1/3) of the dtype (5e-3 in float32), where the secant's gradient
+  has a rounding error of about eps / width^2 = eps ** (1/3)."""
+  return float(jnp.finfo(dtype).eps) ** (1 / 3)
 
 
 # Intercepts are pushed out by this many ulps of the terms they are computed from (the
@@ -195,12 +210,15 @@ def _s_shaped(g, dg, l, u):
   cv = _convex(g, dg, jnp.minimum(l, zero), jnp.minimum(u, zero))
   cc = _negated(_convex)(g, dg, jnp.maximum(l, zero), jnp.maximum(u, zero))
   neg = lambda t: -g(-t)  # S-shaped too: its upper line is g's lower line, reflected
-  ls, ss = jnp.minimum(l, -jnp.finfo(l.dtype).tiny), jnp.maximum(u, jnp.finfo(u.dtype).tiny)
+  convex, concave = u <= 0, l >= 0
+  # Straddling neurons' ends, and a placeholder [-1, 1] for the others (whose lines are
+  # not taken from here; a degenerate placeholder would give NaN gradients).
+  straddles = ~(convex | concave)
+  ls, ss = jnp.where(straddles, l, -1), jnp.where(straddles, u, 1)
   up_s, up_b = _s_upper(g, dg, ls, ss)
   # The lower line is the upper line of -g(-t) (also S-shaped) on [-u, -l].
   lo_s, lo_b = _s_upper(neg, derivative(neg), -ss, -ls)
   st = (lo_s, -lo_b, up_s, up_b)
-  convex, concave = u <= 0, l >= 0
   return tuple(jnp.where(convex, a, jnp.where(concave, b, c)) for a, b, c in zip(cv, cc, st))
 
 
