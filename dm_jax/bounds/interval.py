@@ -2,7 +2,10 @@
 
 Values are kept in centre-radius form: an affine map costs two calls (``W c + b`` and
 ``|W| r``) instead of the four of the ``W+``/``W-`` form. Through a non-decreasing ``g``
-the interval ``[c - r, c + r]`` maps to ``[g(c - r), g(c + r)]``.
+the interval ``[c - r, c + r]`` maps to ``[g(c - r), g(c + r)]``; through a "valley"
+(non-increasing below 0, non-decreasing above: ``x**2``, ``|x|``) ``[l, u]`` maps to
+``[g(clip(0, l, u)), max(g(l), g(u))]``; a product of two intervals is the range of the
+four corner products.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import dataclasses
 from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
+import jax.numpy as jnp
 
 from dm_jax.core import propagation
 from dm_jax.core.input_sets import make_input_set
@@ -49,6 +53,21 @@ class IntervalDomain(propagation.ForwardDomain):
   def value_range(self, a: propagation.Abstract) -> Tuple[jax.Array, jax.Array]:
     (c,), (r,) = a.centres, a.radii
     return c - r, c + r
+
+  def valley(self, g, a):
+    lo, hi = self.value_range(a)
+    top = jnp.maximum(g(lo), g(hi))
+    bottom = g(jnp.clip(jnp.zeros_like(lo), lo, hi))
+    return _from_ends(bottom, top)
+
+  def product(self, a, b):
+    (la, ua), (lb, ub) = self.value_range(a), self.value_range(b)
+    corners = jnp.stack([la * lb, la * ub, ua * lb, ua * ub])
+    return _from_ends(jnp.min(corners, axis=0), jnp.max(corners, axis=0))
+
+
+def _from_ends(lo, hi) -> propagation.Abstract:
+  return propagation.Abstract(((hi + lo) / 2,), ((hi - lo) / 2,))
 
 
 def to_bounds(a: propagation.Abstract) -> Bounds:

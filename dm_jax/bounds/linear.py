@@ -16,6 +16,13 @@ from the output to the input:
 * max pooling: lower bound by the window element with the largest lower bound, upper bound
   by that element when it dominates the window, else by the window's largest upper bound
   (the DeepPoly relaxation);
+* other element-wise nonlinearities (tanh, logistic, erf, exp, softplus, integer powers,
+  ...): per-neuron tangent/secant lines chosen from the function's curvature on its
+  pre-activation interval, as CROWN does for general activations
+  (:mod:`dm_jax.bounds.activations`; the same for fastlin, crown and zero, whose choices
+  differ for ReLU only);
+* products ``x * y`` of two input-dependent values: McCormick's planes over the bounds
+  of both operands;
 * at the input, ``min A x' + c`` over the set in closed form: ``A x + c - eps ||A||_q`` or
   the top-k sum for l0; with a data box, the exact box minimum for l-inf.
 
@@ -51,7 +58,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from dm_jax.bounds import patches, relaxations
+from dm_jax.bounds import activations, patches, relaxations
 from dm_jax.bounds.interval import Bounds
 # record_tape and Tape are re-exported: the tape is this module's input.
 from dm_jax.bounds.relaxations import DENSE
@@ -238,9 +245,21 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
       if bias_term is not None:
         offset = offset + bias_term
       continue
+    if entry.kind == primitives.TAPE_PRODUCT:
+      (_, x_node), (_, y_node) = entry.nodes()
+      planes = activations.entry_planes(tape, entry, bounds)
+      A_x, A_y, extra = relaxations.product_step(A_out, planes, DENSE)
+      add(x_node, A_x)
+      add(y_node, A_y)
+      offset = offset + extra
+      continue
     node = entry.node
     l, u = bounds[node]
-    if entry.kind == primitives.TAPE_RELU:
+    if entry.kind == primitives.TAPE_ACTIVATION:
+      A_in, extra = relaxations.activation_step(
+          A_out, activations.entry_lines(tape, entry, bounds), DENSE)
+      add(node, A_in)
+    elif entry.kind == primitives.TAPE_RELU:
       A_in, extra = relaxations.relu_step(A_out, l, u, entry.relu_const, method, DENSE,
                                           alphas.get(node))
       add(node, A_in)
@@ -336,8 +355,11 @@ def _bounded_nodes(tape: Tape, intermediate: str) -> List[Tuple[int, bool]]:
   exact = _exact_forward_nodes(tape) if intermediate == "linear" else set()
   out: Dict[int, bool] = {}
   for e in tape.entries:
-    if e.kind != primitives.TAPE_AFFINE and e.node not in out:
-      out[e.node] = intermediate == "linear" and e.node not in exact
+    if e.kind == primitives.TAPE_AFFINE:
+      continue
+    for _, node in e.nodes():  # (a product needs both operands' bounds)
+      if node not in out:
+        out[node] = intermediate == "linear" and node not in exact
   return list(out.items())
 
 

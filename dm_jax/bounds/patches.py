@@ -12,8 +12,9 @@ applied to every window as to a tiny image. ReLU relaxations, biases and element
 constants are read from the windows of their maps (zero outside the map, which also
 removes the coefficients of zero padding).
 
-Only chains of NHWC convolutions, element-wise affine ops, residual additions, ReLUs and
-max pooling are handled; :mod:`dm_jax.bounds.linear` falls back to dense form for anything else. The
+Only chains of NHWC convolutions, element-wise affine ops, residual additions, ReLUs,
+other element-wise activations (their lines, :mod:`dm_jax.bounds.activations`) and max
+pooling are handled (not products of two input-dependent values); :mod:`dm_jax.bounds.linear` falls back to dense form for anything else. The
 results equal the dense backward pass exactly (same relaxations, same arithmetic up to
 float rounding).
 """
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax.bounds import relaxations
+from dm_jax.bounds import activations, relaxations
 from dm_jax.bounds.tape import NodeRef, node_shape, nominal_of
 from dm_jax.core import primitives
 from dm_jax.core.conv import conv_input_transpose, is_nhwc_conv
@@ -85,7 +86,7 @@ def supported(tape, target) -> bool:
     if len(shapes[e.out]) != 4:
       return False
     name = e.eqn.primitive.name
-    if e.kind == primitives.TAPE_RELU:
+    if e.kind in (primitives.TAPE_RELU, primitives.TAPE_ACTIVATION):
       continue
     if e.kind == primitives.TAPE_MAXPOOL:
       p = e.eqn.params
@@ -199,6 +200,11 @@ def backward_patches(tape, target, A0: Patch, bounds, method, alphas=None):
                                        alphas.get(node))
       offset = offset + extra
       add(node, Patch(A, patch.K, patch.S, patch.P))
+    elif e.kind == primitives.TAPE_ACTIVATION:
+      lines = activations.entry_lines(tape, e, bounds)
+      A, extra = relaxations.activation_step(patch.A, lines, layout)
+      offset = offset + extra
+      add(e.node, Patch(A, patch.K, patch.S, patch.P))
     elif e.kind == primitives.TAPE_MAXPOOL:
       (_, node), = nodes
       coef, extra = _maxpool_back(patch, e.eqn, bounds[node], layout)

@@ -1,13 +1,15 @@
 """The linear relaxations of the nonlinearities and the steps of a backward pass written
-once for both coefficient layouts.
+once for both coefficient layouts (the lines of general activations and products are
+built in :mod:`dm_jax.bounds.activations`; their steps are here).
 
 A backward pass carries coefficients ``A`` whose leading axes index the bound rows and
 whose trailing axes line up with a node's values. Two layouts exist: *dense*
 (``A`` of shape (B, R, *S), :mod:`dm_jax.bounds.linear`) and *windowed* (``A`` of shape
 (B, H, W, R, Kh, Kw, C): each output position's coefficients over its receptive-field
 window, :mod:`dm_jax.bounds.patches`). A :class:`Layout` says how a per-node tensor
-(B, *S) lines up with ``A``; the ReLU step, the max-pooling weights, the concretisation
-at the input and the chunked identity-bounds driver below are written once over it.
+(B, *S) lines up with ``A``; the ReLU, activation and product steps, the max-pooling
+weights, the concretisation at the input and the chunked identity-bounds driver below
+are written once over it.
 """
 from __future__ import annotations
 
@@ -169,6 +171,41 @@ def relu_step(A, l, u, const, method: str, layout: Layout, alpha=None):
   else:
     picked_b = A * jnp.where(take_lower, layout.lift(lo_b), layout.lift(up_b))
   return A_x, layout.sum(picked_b)
+
+
+def _times(A, b):
+  """``A * b`` with 0 where ``A`` is 0 (an infinite fallback intercept met by a zero
+  coefficient contributes nothing, not NaN)."""
+  return jnp.where(A == 0, jnp.zeros((), A.dtype), A * b)
+
+
+def activation_step(A, lines, layout: Layout):
+  """Backward step through an element-wise ``y = g(x)`` with per-neuron lines
+  ``lines`` (:class:`dm_jax.bounds.activations.Lines`, each (B, *S)).
+
+  Returns ``(A_x, offset)`` as :func:`relu_step`: the lower line where a coefficient is
+  >= 0, the upper line where it is < 0.
+  """
+  take_lower = A >= 0
+  A_x = A * jnp.where(take_lower, layout.lift(lines.lo_s), layout.lift(lines.up_s))
+  picked_b = _times(A, jnp.where(take_lower, layout.lift(lines.lo_b),
+                                 layout.lift(lines.up_b)))
+  return A_x, layout.sum(picked_b)
+
+
+def product_step(A, planes, layout: Layout):
+  """Backward step through ``z = x * y`` with per-neuron planes
+  (:class:`dm_jax.bounds.activations.Planes`, each (B, *S)).
+
+  Returns ``(A_x, A_y, offset)``: the coefficients of x and y (``A``'s layout) and the
+  constant part (``A.shape[:lead]``), from the lower plane where a coefficient is >= 0
+  and the upper plane where it is < 0.
+  """
+  take_lower = A >= 0
+  pick = lambda lo, up: jnp.where(take_lower, layout.lift(lo), layout.lift(up))
+  A_x = A * pick(planes.ax_l, planes.ax_u)
+  A_y = A * pick(planes.ay_l, planes.ay_u)
+  return A_x, A_y, layout.sum(_times(A, pick(planes.c_l, planes.c_u)))
 
 
 def maxpool_weights(A, l, u, eqn, layout: Layout):

@@ -5,12 +5,14 @@ value. The backward passes of :mod:`dm_jax.bounds.linear` and
 
 Operands are typed references: :class:`NodeRef` (an input-dependent value, by node
 index) or :class:`ConstRef` (a constant, with its value); entry kinds are the table's
-``primitives.TAPE_AFFINE``, ``TAPE_RELU`` and ``TAPE_MAXPOOL``.
+``primitives.TAPE_AFFINE``, ``TAPE_RELU``, ``TAPE_MAXPOOL``, ``TAPE_ACTIVATION`` (an
+element-wise nonlinearity of one node, with its curvature) and ``TAPE_PRODUCT`` (the
+element-wise product of two nodes).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
 import numpy as np
@@ -43,8 +45,9 @@ class Entry:
   eqn: Any
   refs: List[Ref]
   out: int
-  kind: str  # primitives.TAPE_AFFINE, TAPE_RELU or TAPE_MAXPOOL
+  kind: str  # primitives.TAPE_AFFINE, TAPE_RELU, TAPE_MAXPOOL, TAPE_ACTIVATION, ...
   relu_const: Any = None  # the constant c of max(x, c)
+  curvature: Optional[str] = None  # TAPE_ACTIVATION: primitives.CONVEX, S_SHAPED, ...
 
   def nodes(self) -> List[Tuple[int, int]]:
     """(operand position, node index) of every input-dependent operand."""
@@ -52,8 +55,16 @@ class Entry:
 
   @property
   def node(self) -> int:
-    """The node of the one input-dependent operand (ReLU, max pooling)."""
+    """The node of the one input-dependent operand (ReLU, max pooling, activations;
+    ``x * x`` has it twice)."""
     return next(r.index for r in self.refs if isinstance(r, NodeRef))
+
+  def function(self) -> Callable[[jax.Array], jax.Array]:
+    """A TAPE_ACTIVATION entry as an element-wise function of its node's value ``t``
+    (the node's operands, all of them, replaced by ``t``; the constants kept)."""
+    eqn = self.eqn
+    return lambda t: eqn.primitive.bind(
+        *[t if isinstance(r, NodeRef) else r.value for r in self.refs], **eqn.params)
 
 
 @dataclasses.dataclass
@@ -68,18 +79,48 @@ class Tape:
   domain: propagation.ForwardDomain = dataclasses.field(default_factory=IntervalDomain)
 
 
-def _classify(eqn, invals) -> Tuple[str, Any]:
+LINEAR = "linear (CROWN-family)"  # the domain's name in error messages
+
+
+def _classify(eqn, invals) -> Tuple[str, Any, Optional[str]]:
+  """(tape kind, ReLU constant, curvature) of an input-dependent equation."""
   name = eqn.primitive.name
-  tape = getattr(primitives.rule(name), "tape", None)
+  rule = primitives.rule(name)
+  tape = getattr(rule, "tape", None)
+  is_abs = [isinstance(v, (Abstract, InputAffine)) for v in invals]
+  idx = [i for i, a in enumerate(is_abs) if a]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  elementwise = all(tuple(np.shape(_nominal(invals[i]))) == out_shape for i in idx)
+  if rule is not None and rule.product and len(idx) == 2:
+    if not elementwise:
+      raise UnsupportedPrimitiveError(name, LINEAR, "a product of operands of different "
+                                      "shapes")
+    if invals[0] is invals[1]:  # x * x: its square
+      return primitives.TAPE_ACTIVATION, None, primitives.square_rule().curvature
+    return primitives.TAPE_PRODUCT, None, None
   if tape == primitives.TAPE_AFFINE:
-    return tape, None
+    return tape, None, None
   if tape == primitives.TAPE_RELU and len(invals) == 2:
-    is_abs = [isinstance(v, (Abstract, InputAffine)) for v in invals]
     if sum(is_abs) == 1:
-      return tape, invals[1 - is_abs.index(True)]
+      return tape, invals[1 - is_abs.index(True)], None
   if tape == primitives.TAPE_MAXPOOL:
-    return tape, None
-  raise UnsupportedPrimitiveError(name, "linear (CROWN-family)")
+    return tape, None, None
+  if tape == primitives.TAPE_ACTIVATION:
+    curvature = primitives.curvature_of(rule, eqn.params)
+    if curvature is None:
+      raise UnsupportedPrimitiveError(name, LINEAR, f"not with params {dict(eqn.params)}")
+    if len(idx) != 1 or not primitives.operands_allowed(rule, idx):
+      raise UnsupportedPrimitiveError(name, LINEAR, "more than one operand depends on the "
+                                      "input")
+    if not elementwise:
+      raise UnsupportedPrimitiveError(name, LINEAR, "its output's shape is not its "
+                                      "input's (broadcast)")
+    return tape, None, curvature
+  raise UnsupportedPrimitiveError(name, LINEAR)
+
+
+def _nominal(value):
+  return value.value if isinstance(value, InputAffine) else value.centres[0]
 
 
 def record_tape(apply_fn, params, iset: InputSet,
@@ -96,10 +137,10 @@ def record_tape(apply_fn, params, iset: InputSet,
     values.append(outval)
     if eqn is None:  # the input
       return
-    kind, const = _classify(eqn, invals)
+    kind, const, curvature = _classify(eqn, invals)
     refs = [NodeRef(index[id(v)]) if isinstance(v, (Abstract, InputAffine))
             else ConstRef(v) for v in invals]
-    entries.append(Entry(eqn, refs, index[id(outval)], kind, const))
+    entries.append(Entry(eqn, refs, index[id(outval)], kind, const, curvature))
 
   out, _ = propagation.propagate(apply_fn, params, iset, domain, recorder)
   if id(out) not in index:  # the output does not depend on the input
@@ -118,8 +159,7 @@ def interval_of(tape: Tape, node: int) -> Tuple[jax.Array, jax.Array]:
 
 def nominal_of(tape: Tape, node: int) -> jax.Array:
   """A node's nominal value (its first centre), e.g. for its shape and dtype."""
-  value = tape.values[node]
-  return value.value if isinstance(value, InputAffine) else value.centres[0]
+  return _nominal(tape.values[node])
 
 
 def node_shape(tape: Tape, node: int) -> Tuple[int, ...]:

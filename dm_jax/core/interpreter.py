@@ -5,17 +5,24 @@ nothing per step under ``jax.jit``) and walked equation by equation. Values that
 depend on the perturbed input (weights, constants, anything computed only from them) are
 evaluated with the primitive itself; values that do are *abstract* and handed to a
 domain's rule. Calls (``jit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``,
-``remat``) are interpreted recursively, so ``jax.nn.relu`` arrives as ``max(x, 0)``.
+``remat``) are interpreted recursively, so ``jax.nn.relu`` arrives as ``max(x, 0)``;
+except the *composites* of :data:`dm_jax.core.primitives.COMPOSITES` (``jnp.logaddexp``,
+inside ``jax.nn.softplus``), recognised by their body and handed to the rule as one
+equation (:class:`CompositeEqn`) where they depend on the input.
 
 This module is the only place that touches JAX's jaxpr types (through ``jax.extend``);
 it never rewrites a jaxpr.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Sequence, Tuple
+import dataclasses
+import functools
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import jax
 from jax.extend import core as jex_core
+
+from dm_jax.core import primitives
 
 # Call-like primitives whose body is interpreted recursively, and the parameter names
 # under which they keep it. (Loops and conditionals such as scan/cond also carry jaxprs
@@ -68,6 +75,61 @@ def body_of(eqn: Any) -> Any:
   return None
 
 
+@functools.lru_cache(maxsize=256)
+def _reference_body(name: str, avals: Tuple[Tuple[Tuple[int, ...], str, bool], ...]) -> str:
+  """The printed body of composite ``name``'s reference traced on ``avals``, or ''."""
+  specs = [jax.ShapeDtypeStruct(shape, dtype, weak_type=weak) for shape, dtype, weak in avals]
+  try:
+    eqns = jax.make_jaxpr(primitives.COMPOSITES[name])(*specs).jaxpr.eqns
+  except Exception:  # pylint: disable=broad-except
+    return ""
+  if len(eqns) != 1 or eqns[0].primitive.name not in CALL_PRIMITIVES:
+    return ""
+  body = body_of(eqns[0])
+  return "" if body is None else str(body)
+
+
+def composite_of(eqn) -> Optional[str]:
+  """The name of the composite (:data:`primitives.COMPOSITES`) that a call equation is:
+  its body, printed, is the reference function's traced on the same operand types.
+  None for any other equation."""
+  body = body_of(eqn)
+  if body is None or len(eqn.outvars) != 1:
+    return None
+  avals = tuple((tuple(v.aval.shape), str(v.aval.dtype), bool(v.aval.weak_type))
+                for v in eqn.invars)
+  text = None
+  for name in primitives.COMPOSITES:
+    ref = _reference_body(name, avals)
+    if ref:
+      text = str(body) if text is None else text
+      if text == ref:
+        return name
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositePrimitive:
+  """Stands for a composite's call: its name, and ``bind`` evaluates the reference."""
+  name: str
+  multiple_results = False
+
+  def bind(self, *args, **params):
+    del params
+    return primitives.COMPOSITES[self.name](*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositeEqn:
+  """A recognised composite call as one equation (``primitive.name`` is the composite's,
+  no params), with the call's operand and output variables."""
+  primitive: CompositePrimitive
+  invars: List[Any]
+  outvars: List[Any]
+  params: Any = dataclasses.field(default_factory=dict)
+  effects: Any = frozenset()
+
+
 def _split(body):
   if isinstance(body, jex_core.ClosedJaxpr):
     return body.jaxpr, list(body.consts)
@@ -112,7 +174,12 @@ def interpret(body: Any, args: Sequence[Any], is_abstract: Callable[[Any], bool]
   for eqn in live_equations(jaxpr):
     invals = [read(v) for v in eqn.invars]
     sub = body_of(eqn)
-    if sub is not None:
+    composite = (composite_of(eqn) if sub is not None and any(map(is_abstract, invals))
+                 else None)
+    if composite is not None:
+      outvals = rule(CompositeEqn(CompositePrimitive(composite), list(eqn.invars),
+                                  list(eqn.outvars)), invals)
+    elif sub is not None:
       outvals = interpret(sub, invals, is_abstract, rule)
     elif any(is_abstract(v) for v in invals):
       outvals = rule(eqn, invals)

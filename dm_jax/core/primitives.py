@@ -9,18 +9,31 @@ unsupported wherever it depends on the perturbed input (it is evaluated as usual
 it does not: on weights, shapes, constants).
 
 Adding a primitive: one ``Rule`` in :data:`RULES`; then, only if its ``forward`` rule is
-new, one branch in ``propagation.affine`` (affine maps) or ``propagation.monotone_function``.
+new, one branch in ``propagation.affine`` (affine maps), ``propagation.monotone_function``
+or ``propagation.nonlinear``. An element-wise nonlinearity of known curvature (``tape``
+TAPE_ACTIVATION, a ``curvature``) needs nothing in the linear methods: its relaxation
+lines are built from the function and its derivative (:mod:`dm_jax.bounds.activations`).
+
+Besides primitives, the table holds *composites*: calls (``custom_jvp_call``) that are
+recognised as a whole because their body, primitive by primitive, cannot be bounded
+well (``jnp.logaddexp``, hence ``jax.nn.softplus``: a max, an ``abs``, a NaN test).
+:data:`COMPOSITES` gives the reference function; a call is the composite when its body
+is the reference's own (:func:`dm_jax.core.interpreter.composite_of`), and the domains
+then see one equation named after it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+
+import jax.numpy as jnp
 
 # kind: what the primitive is, as a function of its input-dependent operands.
 AFFINE = "affine"        # affine (linear part + offset)
 MONOTONE = "monotone"    # non-decreasing in its one operand (element-wise or a window max)
 MAX_MIN = "max_min"      # max/min with a constant: ReLU when max(x, 0)
 CLAMP = "clamp"          # clamp(lo, x, hi), constant lo and hi
+ELEMENTWISE = "elementwise"  # element-wise, not non-decreasing (x**2, |x|, erfc)
 
 # operands: which operands may depend on the input (checked by every domain).
 FIRST = "first"          # only operand 0 (the others are indices, shapes, divisors, ...)
@@ -44,12 +57,29 @@ DIV = "div"              # radii divided by |divisor|
 CONCAT = "concatenate"   # radii concatenated, a constant operand has radius 0
 PAD = "pad"              # radii padded with 0
 SELECT = "select"        # radii selected, a constant case has radius 0
-UNARY = "unary"          # monotone g applied to the bounds (MONOTONE kind)
+UNARY = "unary"          # non-decreasing g applied to the bounds (MONOTONE kind)
 EXTREMUM = "extremum"    # max/min with a constant (MAX_MIN kind)
 CLAMPED = "clamped"      # clamp with constant ends (CLAMP kind)
+DECREASING = "decreasing"  # non-increasing g: g(-t) is non-decreasing in -x
+VALLEY = "valley"        # non-increasing below 0, non-decreasing above (x**2, |x|):
+                         # the interval image [g(clip(0, l, u)), max(g(l), g(u))]
+POWER = "power"          # integer_pow: UNARY for odd powers, VALLEY for even ones
+# (The interval domain only: VALLEY, and PRODUCT, mul's rule when both operands depend on
+# the input: the interval product, min and max of the four corner products. Double
+# Margin's rules are for monotone maps.)
+PRODUCT = "product"
+INTERVAL_ONLY = frozenset({VALLEY, PRODUCT})
 
 # tape: how the linear (CROWN-family) methods record it; None: they do not support it.
 TAPE_AFFINE, TAPE_RELU, TAPE_MAXPOOL = "affine", "relu", "maxpool"
+TAPE_ACTIVATION = "activation"  # element-wise g of one node: lines from its curvature
+TAPE_PRODUCT = "product"        # x * y of two nodes: McCormick planes
+
+# curvature: the shape of an element-wise nonlinearity, for its linear relaxation.
+CONVEX = "convex"        # exp, softplus, x**2, |x|
+CONCAVE = "concave"      # log1p
+S_SHAPED = "s_shaped"    # convex below 0, concave above (tanh, logistic, erf)
+REVERSE_S = "reverse_s"  # concave below 0, convex above (x**3, erfc)
 
 # patch: the windowed backward pass (dm_jax.bounds.patches) for conv stacks; None: dense only.
 PATCH_PASS = "pass"              # identity on values (dtype casts, copies)
@@ -74,6 +104,13 @@ class Rule:
     mip_max: the MIP encodes it as a max over fixed subsets of its input (MONOTONE only).
     signs: for a sum of operands (forward SUM), the sign each operand enters with
       (``sub``: +1, -1); None means all +1.
+    curvature: an element-wise nonlinearity's shape (CONVEX, CONCAVE, S_SHAPED,
+      REVERSE_S) from which the linear methods build its lines, or a function of the
+      equation's params giving it (None: not relaxed); see :func:`curvature_of`.
+    product: mul: with both operands input-dependent it is an element-wise product
+      (forward PRODUCT, tape TAPE_PRODUCT), and the same operand twice is its square
+      (the rule of ``square``).
+    note: what the domains' support depends on, in words (for error messages).
   """
   kind: str
   operands: str = ANY
@@ -84,6 +121,26 @@ class Rule:
   patch: Optional[str] = None
   mip_max: bool = False
   signs: Optional[Tuple[float, ...]] = None
+  curvature: Union[None, str, Callable[[Mapping], Optional[str]]] = None
+  product: bool = False
+  note: str = ""
+
+
+def _power_forward(params: Mapping) -> Optional[str]:
+  y = params["y"]
+  return None if y < 1 else (UNARY if y % 2 else VALLEY)
+
+
+def _power_curvature(params: Mapping) -> Optional[str]:
+  y = params["y"]
+  if y < 1:
+    return None
+  return CONVEX if y % 2 == 0 or y == 1 else REVERSE_S
+
+
+def _activation(curvature, kind=MONOTONE, forward=UNARY, operands=FIRST, note="") -> Rule:
+  return Rule(kind, operands, forward=forward, tape=TAPE_ACTIVATION, curvature=curvature,
+              note=note)
 
 
 def _structural(symbolic: bool = False, patch: Optional[str] = None) -> Rule:
@@ -109,7 +166,9 @@ RULES: Dict[str, Rule] = {
     "dynamic_slice": _structural(),
     "cumsum": _structural(),
     # Bilinear: affine when exactly one operand depends on the input.
-    "mul": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "mul": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                product=True, note="a product of two input-dependent operands: interval "
+                "and linear only"),
     "dot_general": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE),
     "conv_general_dilated": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE,
                                  patch=PATCH_CONV),
@@ -131,14 +190,30 @@ RULES: Dict[str, Rule] = {
                               mip_max=True),
     "reduce_max": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
     "cummax": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
-    "tanh": Rule(MONOTONE, FIRST, forward=UNARY),
-    "logistic": Rule(MONOTONE, FIRST, forward=UNARY),
+    # Element-wise nonlinearities: a forward rule, and lines from their curvature in the
+    # linear methods (dm_jax.bounds.activations).
+    "tanh": _activation(S_SHAPED),
+    "logistic": _activation(S_SHAPED),
+    "erf": _activation(S_SHAPED),
+    "exp": _activation(CONVEX),
+    "expm1": _activation(CONVEX),
+    "log1p": _activation(CONCAVE, note="defined above -1 only, as in the model"),
+    "logaddexp": _activation(CONVEX, operands=ONE),  # a composite (COMPOSITES)
+    "erfc": _activation(REVERSE_S, kind=ELEMENTWISE, forward=DECREASING),
+    "square": _activation(CONVEX, kind=ELEMENTWISE, forward=VALLEY),
+    "abs": _activation(CONVEX, kind=ELEMENTWISE, forward=VALLEY),
+    "integer_pow": _activation(_power_curvature, kind=ELEMENTWISE, forward=POWER,
+                               note="positive powers; Double Margin takes odd ones only"),
     # (The MIP also encodes max/min of two input-dependent tensors; the forward and
     # linear domains take one with a constant.)
     "max": Rule(MAX_MIN, ANY, forward=EXTREMUM, tape=TAPE_RELU),
     "min": Rule(MAX_MIN, ANY, forward=EXTREMUM),
     "clamp": Rule(CLAMP, MIDDLE, forward=CLAMPED),
 }
+
+# Composite calls recognised as a whole: name -> the reference function (a call is the
+# composite when its body is the reference's, traced on the same operand types).
+COMPOSITES: Dict[str, Callable] = {"logaddexp": jnp.logaddexp}
 
 # What an operand check that fails says (the primitive and domain are named around it).
 OPERAND_ERRORS = {
@@ -158,6 +233,26 @@ def names(**fields) -> FrozenSet[str]:
   """The primitives whose rule has every given field value, e.g. ``names(kind=AFFINE)``."""
   return frozenset(n for n, r in RULES.items()
                    if all(getattr(r, f) == v for f, v in fields.items()))
+
+
+def forward_of(r: Optional[Rule], params: Mapping) -> Optional[str]:
+  """The forward rule of an equation with ``params`` (integer_pow's depends on its power:
+  UNARY for odd, VALLEY for even, None for y < 1)."""
+  if r is None:
+    return None
+  return _power_forward(params) if r.forward == POWER else r.forward
+
+
+def curvature_of(r: Optional[Rule], params: Mapping) -> Optional[str]:
+  """The curvature of an element-wise nonlinearity with ``params``, or None."""
+  if r is None or r.curvature is None:
+    return None
+  return r.curvature(params) if callable(r.curvature) else r.curvature
+
+
+def square_rule() -> Rule:
+  """The rule of ``mul(x, x)``: the same input-dependent operand twice (``square``'s)."""
+  return RULES["square"]
 
 
 def operands_allowed(r: Rule, idx) -> bool:
@@ -189,13 +284,47 @@ def operand_sign(name: str, j: int) -> float:
   return 1.0 if signs is None else signs[j]
 
 
+def supported_by(name: str) -> str:
+  """Which domains support primitive ``name`` where it depends on the input, in words
+  (read from its rule), e.g. for ``tanh``: "the interval, Double Margin and linear
+  (CROWN-family) domains (not the MIP)"."""
+  r = rule(name)
+  if r is None:
+    return "no domain"
+  domains = []
+  forward = r.forward
+  if forward is not None:
+    domains.append("interval")
+    if forward not in INTERVAL_ONLY:
+      domains.append("Double Margin")
+  if r.tape is not None:
+    domains.append("linear (CROWN-family)")
+  mip = r.kind in (AFFINE, MAX_MIN, CLAMP) or r.mip_max
+  if mip:
+    domains.append("MIP")
+  if not domains:
+    return "no domain"
+  listed = (domains[0] if len(domains) == 1
+            else ", ".join(domains[:-1]) + " and " + domains[-1])
+  out = f"the {listed} domain{'s' if len(domains) > 1 else ''}"
+  if not mip:
+    out += " (not the MIP)"
+  if r.note:
+    out += f"; {r.note}"
+  return out
+
+
 def supported_summary() -> str:
   """The supported primitives in words, for error messages (read from :data:`RULES`)."""
   def listed(ns):
     return ", ".join(sorted(ns))
   affine = names(kind=AFFINE) - names(forward=None)
   monotone = names(kind=MONOTONE)
+  linear = names(tape=TAPE_ACTIVATION)
   return (f"affine maps ({listed(affine)}; mul/div by constants), ReLU and other max/min "
           f"with a constant, clamp with constant ends, non-decreasing maps "
-          f"({listed(monotone)}; the linear methods take ReLU and reduce_window_max "
-          "only), and calls (jit/custom_jvp) made of these")
+          f"({listed(monotone)}), other element-wise maps "
+          f"({listed(names(kind=ELEMENTWISE))}), products of two input-dependent "
+          f"values (interval and linear only); the linear methods take ReLU, "
+          f"reduce_window_max, {listed(linear)} and products; the MIP affine maps and "
+          "max/min; and calls (jit/custom_jvp) made of these")

@@ -72,6 +72,19 @@ class ForwardDomain:
     """Image of ``a`` under a non-decreasing ``g`` (ReLU, max pooling, ...)."""
     raise NotImplementedError
 
+  def valley(self, g: Callable[[jax.Array], jax.Array], a: Abstract) -> Optional[Abstract]:
+    """Image of ``a`` under an element-wise ``g`` that is non-increasing below 0 and
+    non-decreasing above (``x**2``, ``|x|``); None where the domain has no such rule
+    (the default: Double Margin's rules are for monotone maps)."""
+    del g, a
+    return None
+
+  def product(self, a: Abstract, b: Abstract) -> Optional[Abstract]:
+    """The element-wise product of two abstract values of the same shape; None where
+    the domain has no such rule (the default)."""
+    del a, b
+    return None
+
   def value_range(self, a: Abstract) -> Tuple[jax.Array, jax.Array]:
     """The element-wise range ``(lower, upper)`` the domain assigns ``a`` (sound for the
     interval domain; Double Margin's is its training signal, not a bound)."""
@@ -186,6 +199,12 @@ def _relu_jvp(primals, tangents):
   return _relu(t), jnp.where(t > 0, dt, jnp.zeros_like(dt))
 
 
+def elementwise_fn(eqn, invals, i: int) -> Callable[[jax.Array], jax.Array]:
+  """``t -> eqn(..., t, ...)``: the equation as a function of its operand ``i``, the
+  other operands fixed at their (constant) values."""
+  return lambda t: _bind(eqn, *invals[:i], t, *invals[i + 1:])
+
+
 def monotone_function(eqn, invals) -> Optional[Tuple[Callable, int, bool]]:
   """If ``eqn`` is non-decreasing in its one abstract operand, returns (g, index, is_relu).
 
@@ -198,8 +217,8 @@ def monotone_function(eqn, invals) -> Optional[Tuple[Callable, int, bool]]:
   if prim is None or len(idx) != 1 or not primitives.operands_allowed(prim, idx):
     return None
   i = idx[0]
-  if prim.forward == primitives.UNARY and len(invals) == 1:
-    return (lambda t: _bind(eqn, t)), 0, False
+  if primitives.forward_of(prim, eqn.params) == primitives.UNARY:
+    return elementwise_fn(eqn, invals, i), i, False
   if prim.forward == primitives.EXTREMUM:
     other = invals[1 - i]
     is_relu = False
@@ -213,6 +232,60 @@ def monotone_function(eqn, invals) -> Optional[Tuple[Callable, int, bool]]:
   if prim.forward == primitives.CLAMPED:  # clamp(lo, x, hi) with constant lo, hi
     return (lambda t: _bind(eqn, invals[0], t, invals[2])), 1, False
   return None
+
+
+def negate(a: Abstract) -> Abstract:
+  """``-a`` in every domain (the centres negated, the radii unchanged: ``neg``'s rule)."""
+  return Abstract(tuple(-c for c in a.centres), a.radii)
+
+
+def nonlinear(eqn, invals, domain: ForwardDomain) -> Optional[Abstract]:
+  """The element-wise nonlinearities that are not non-decreasing, and products: the
+  image of the abstract operand(s) in ``domain``, or None where ``eqn`` is none of them.
+
+  * forward DECREASING (``erfc``): ``g(x) = h(-x)`` with ``h(t) = g(-t)`` non-decreasing,
+    so the domain's monotone rule applies to ``-x``;
+  * VALLEY (``x**2``, ``|x|``, even ``integer_pow``): ``domain.valley``;
+  * ``mul`` of two abstract operands: ``domain.product``, or, the same operand twice,
+    its square (``domain.valley``).
+
+  Raises:
+    UnsupportedPrimitiveError: the domain has no rule for it (Double Margin: VALLEY and
+      products), naming the domains that do.
+  """
+  name = eqn.primitive.name
+  prim = primitives.rule(name)
+  if prim is None:
+    return None
+  idx = [i for i, v in enumerate(invals) if isinstance(v, Abstract)]
+  if prim.product and len(idx) == 2:
+    a, b = invals
+    if a is b:  # x * x: its square
+      out = domain.valley(lambda t: _bind(eqn, t, t), a)
+    elif a.shape != b.shape:
+      raise UnsupportedPrimitiveError(name, domain.name, "a product of operands of "
+                                      f"different shapes {a.shape} and {b.shape}")
+    else:
+      out = domain.product(a, b)
+    if out is None:
+      raise UnsupportedPrimitiveError(name, domain.name, "a product of two "
+                                      "input-dependent operands")
+    return out
+  forward = primitives.forward_of(prim, eqn.params)
+  if forward not in (primitives.DECREASING, primitives.VALLEY):
+    return None
+  if len(idx) != 1 or not primitives.operands_allowed(prim, idx):
+    raise UnsupportedPrimitiveError(name, domain.name,
+                                    primitives.OPERAND_ERRORS.get(prim.operands, ""))
+  i = idx[0]
+  g = elementwise_fn(eqn, invals, i)
+  if forward == primitives.DECREASING:
+    return domain.monotone(lambda t: g(-t), negate(invals[i]))
+  out = domain.valley(g, invals[i])
+  if out is None:
+    raise UnsupportedPrimitiveError(
+        name, domain.name, "it is not monotone (its image needs an interval rule)")
+  return out
 
 
 # ---------------------------------------------------------- exact first linear layer
@@ -373,9 +446,13 @@ def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain,
       out = symbolic_rule(eqn, invals, iset, domain)
       if out is not None:
         return [out]
-      invals = [box_of_symbolic(v, iset, domain) if isinstance(v, InputAffine) else v
-                for v in invals]
+      boxed = {}  # one box per symbolic value (x * x stays a square)
+      invals = [boxed.setdefault(id(v), box_of_symbolic(v, iset, domain))
+                if isinstance(v, InputAffine) else v for v in invals]
     name = eqn.primitive.name
+    out = nonlinear(eqn, invals, domain)
+    if out is not None:
+      return [out]
     if name in AFFINE_PRIMITIVES:
       return [affine(eqn, invals, domain.name)]
     mono = monotone_function(eqn, invals)
