@@ -51,6 +51,16 @@ CLAMPED = "clamped"      # clamp with constant ends (CLAMP kind)
 # tape: how the linear (CROWN-family) methods record it; None: they do not support it.
 TAPE_AFFINE, TAPE_RELU, TAPE_MAXPOOL = "affine", "relu", "maxpool"
 
+# rounding: (forward, transpose) rounding classes of an affine primitive for the sound mode
+# (dm_jax.core.rounding.terms): how many roundings one computed element goes through,
+# evaluated forward and in the backward pass's transpose. None: not analysed (the sound
+# mode raises). Monotone primitives: ROUND_EXACT where the map itself is exact (a max).
+ROUND_EXACT = "exact"    # no rounding (permutations, selections, 0/1 coefficients, max)
+ROUND_ONE = "one"        # one rounding per element (a + b, a * c)
+ROUND_TWO = "two"        # two (the patch form's division: A * (1 / c))
+ROUND_SUM = "sum"        # a sum of n terms, n from the equation (rounding.terms)
+ROUND_CAST = "cast"      # exact if the cast keeps every value, else unsupported
+
 # patch: the windowed backward pass (dm_jax.bounds.patches) for conv stacks; None: dense only.
 PATCH_PASS = "pass"              # identity on values (dtype casts, copies)
 PATCH_ELEMENTWISE = "elementwise"  # element-wise with a same-shape or broadcast constant
@@ -74,6 +84,7 @@ class Rule:
     mip_max: the MIP encodes it as a max over fixed subsets of its input (MONOTONE only).
     signs: for a sum of operands (forward SUM), the sign each operand enters with
       (``sub``: +1, -1); None means all +1.
+    rounding: (forward, transpose) ROUND_* classes for the sound mode, or None.
   """
   kind: str
   operands: str = ANY
@@ -84,10 +95,17 @@ class Rule:
   patch: Optional[str] = None
   mip_max: bool = False
   signs: Optional[Tuple[float, ...]] = None
+  rounding: Optional[Tuple[str, str]] = None
 
 
-def _structural(symbolic: bool = False, patch: Optional[str] = None) -> Rule:
-  return Rule(AFFINE, FIRST, INDEX, MAP, TAPE_AFFINE, symbolic=symbolic, patch=patch)
+_EXACT = (ROUND_EXACT, ROUND_EXACT)
+_SUMS = (ROUND_SUM, ROUND_SUM)
+
+
+def _structural(symbolic: bool = False, patch: Optional[str] = None,
+                rounding: Tuple[str, str] = _EXACT) -> Rule:
+  return Rule(AFFINE, FIRST, INDEX, MAP, TAPE_AFFINE, symbolic=symbolic, patch=patch,
+              rounding=rounding)
 
 
 RULES: Dict[str, Rule] = {
@@ -99,45 +117,51 @@ RULES: Dict[str, Rule] = {
     "expand_dims": _structural(symbolic=True),
     "rev": _structural(symbolic=True),
     "slice": _structural(symbolic=True),
-    "convert_element_type": _structural(symbolic=True, patch=PATCH_PASS),
+    "convert_element_type": _structural(symbolic=True, patch=PATCH_PASS,
+                                        rounding=(ROUND_CAST, ROUND_CAST)),
     "copy": _structural(symbolic=True, patch=PATCH_PASS),
     "copy_p": _structural(symbolic=True, patch=PATCH_PASS),
-    "reduce_precision": _structural(symbolic=True, patch=PATCH_PASS),
-    "broadcast_in_dim": _structural(),
-    "reduce_sum": _structural(),
-    "reduce_window_sum": _structural(),
+    "reduce_precision": _structural(symbolic=True, patch=PATCH_PASS,
+                                    rounding=(ROUND_CAST, ROUND_CAST)),
+    "broadcast_in_dim": _structural(rounding=(ROUND_EXACT, ROUND_SUM)),
+    "reduce_sum": _structural(rounding=(ROUND_SUM, ROUND_EXACT)),
+    "reduce_window_sum": _structural(rounding=_SUMS),
     "dynamic_slice": _structural(),
-    "cumsum": _structural(),
+    "cumsum": _structural(rounding=_SUMS),
     # Bilinear: affine when exactly one operand depends on the input.
-    "mul": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
-    "dot_general": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE),
+    "mul": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                rounding=(ROUND_ONE, ROUND_TWO)),
+    "dot_general": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, rounding=_SUMS),
     "conv_general_dilated": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE,
-                                 patch=PATCH_CONV),
-    "div": Rule(AFFINE, FIRST, COEFFICIENT, DIV, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+                                 patch=PATCH_CONV, rounding=_SUMS),
+    "div": Rule(AFFINE, FIRST, COEFFICIENT, DIV, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                rounding=(ROUND_ONE, ROUND_TWO)),
     # Jointly affine; constant operands are offsets.
-    "add": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
-    "add_any": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "add": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                rounding=(ROUND_ONE, ROUND_EXACT)),
+    "add_any": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                    rounding=(ROUND_ONE, ROUND_EXACT)),
     "sub": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
-                signs=(1.0, -1.0)),
-    "neg": Rule(AFFINE, ANY, BIAS, NEG, TAPE_AFFINE, patch=PATCH_NEG),
-    "concatenate": Rule(AFFINE, ANY, BIAS, CONCAT, TAPE_AFFINE),
+                signs=(1.0, -1.0), rounding=(ROUND_ONE, ROUND_EXACT)),
+    "neg": Rule(AFFINE, ANY, BIAS, NEG, TAPE_AFFINE, patch=PATCH_NEG, rounding=_EXACT),
+    "concatenate": Rule(AFFINE, ANY, BIAS, CONCAT, TAPE_AFFINE, rounding=_EXACT),
     # (Jointly linear in the operand and the padding value; the forward PAD rule takes a
     # constant padding value only.)
-    "pad": Rule(AFFINE, ANY, BIAS, PAD, TAPE_AFFINE),
-    "select_n": Rule(AFFINE, DATA, BIAS, SELECT, TAPE_AFFINE),
+    "pad": Rule(AFFINE, ANY, BIAS, PAD, TAPE_AFFINE, rounding=_EXACT),
+    "select_n": Rule(AFFINE, DATA, BIAS, SELECT, TAPE_AFFINE, rounding=_EXACT),
     "dynamic_update_slice": Rule(AFFINE, NOT_INDICES, BIAS),  # the MIP only
     # Non-decreasing in their one operand.
     "reduce_window_max": Rule(MONOTONE, FIRST, forward=UNARY, tape=TAPE_MAXPOOL,
-                              mip_max=True),
-    "reduce_max": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
-    "cummax": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
+                              mip_max=True, rounding=_EXACT),
+    "reduce_max": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True, rounding=_EXACT),
+    "cummax": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True, rounding=_EXACT),
     "tanh": Rule(MONOTONE, FIRST, forward=UNARY),
     "logistic": Rule(MONOTONE, FIRST, forward=UNARY),
     # (The MIP also encodes max/min of two input-dependent tensors; the forward and
     # linear domains take one with a constant.)
-    "max": Rule(MAX_MIN, ANY, forward=EXTREMUM, tape=TAPE_RELU),
-    "min": Rule(MAX_MIN, ANY, forward=EXTREMUM),
-    "clamp": Rule(CLAMP, MIDDLE, forward=CLAMPED),
+    "max": Rule(MAX_MIN, ANY, forward=EXTREMUM, tape=TAPE_RELU, rounding=_EXACT),
+    "min": Rule(MAX_MIN, ANY, forward=EXTREMUM, rounding=_EXACT),
+    "clamp": Rule(CLAMP, MIDDLE, forward=CLAMPED, rounding=_EXACT),
 }
 
 # What an operand check that fails says (the primitive and domain are named around it).
