@@ -55,7 +55,8 @@ class IntervalDomain(propagation.ForwardDomain):
 
   def _box(self, lo: jax.Array, hi: jax.Array) -> propagation.Abstract:
     """The box ``[lo, hi]`` (sound mode: held in exact arithmetic)."""
-    return propagation.Abstract(*((c,), (r,)) for c, r in [rounding.centre_radius(lo, hi)])
+    c, r = rounding.centre_radius(lo, hi)
+    return propagation.Abstract((c,), (r,))
 
   def from_range(self, nominal: jax.Array, down: jax.Array,
                  up: jax.Array) -> propagation.Abstract:
@@ -120,27 +121,33 @@ def interval_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
     return_relu_inputs: also return the bounds of every ReLU input.
     sound: bounds sound in floating point, for the real-valued network over the real
       set (see the module docstring): computed in float64 with the rounding widening,
-      rounded outward to the input's dtype. Under ``jax.jit``, trace and call inside
-      ``jax.enable_x64(True)``.
+      rounded outward to the input's dtype, and never tighter than the plain bounds
+      (:func:`no_tighter`; the plain pass runs too). Under ``jax.jit``, trace and call
+      inside ``jax.enable_x64(True)``.
 
   Returns:
     ``Bounds`` of the (B, K) output; with ``return_relu_inputs``, a pair
     ``(output_bounds, tuple_of_relu_input_bounds)``.
   """
   iset = make_input_set(x, eps, norm, k, domain)
-  if not sound:
-    out, relus = propagation.propagate(apply_fn, params, iset, IntervalDomain())
-    if return_relu_inputs:
-      return to_bounds(out), tuple(to_bounds(a) for a in relus)
-    return to_bounds(out)
-  rounding.check_no_subnormals(params, iset.x, iset.eps)
-  rounding.check_x64_trace(iset.x)
-  dtype = iset.x.dtype
-  with jax.enable_x64(True):  # float64, rounded outward back to the input's dtype
-    out, relus = propagation.propagate(apply_fn, rounding.float64(params),
-                                       iset.take(rounding.float64), IntervalDomain(True))
-    back = lambda a: Bounds(*(f(t, dtype) for f, t in zip(
-        (rounding.down_to, rounding.up_to), IntervalDomain(True).value_range(a))))
-    if return_relu_inputs:
-      return back(out), tuple(back(a) for a in relus)
-    return back(out)
+  out, relus = propagation.propagate(apply_fn, params, iset, IntervalDomain())
+  plain = to_bounds(out), tuple(to_bounds(a) for a in relus)
+  if sound:
+    rounding.check_no_subnormals(params, iset.x, iset.eps)
+    rounding.check_x64_trace(iset.x)
+    dtype = iset.x.dtype
+    with jax.enable_x64(True):  # float64, rounded outward back to the input's dtype
+      out, relus = propagation.propagate(apply_fn, rounding.float64(params),
+                                         iset.take(rounding.float64), IntervalDomain(True))
+      back = lambda a: Bounds(*(f(t, dtype) for f, t in zip(
+          (rounding.down_to, rounding.up_to), IntervalDomain(True).value_range(a))))
+      plain = (no_tighter(back(out), plain[0]),
+               tuple(no_tighter(back(a), b) for a, b in zip(relus, plain[1])))
+  return plain if return_relu_inputs else plain[0]
+
+
+def no_tighter(sound: Bounds, plain: Bounds) -> Bounds:
+  """The sound bounds widened to hold the plain ones too (the sound mode's results are
+  never tighter than the plain float bounds: a certificate with ``sound=True`` is one
+  without, and a sound lower bound is <= the plain one)."""
+  return Bounds(jnp.minimum(sound.lower, plain.lower), jnp.maximum(sound.upper, plain.upper))
