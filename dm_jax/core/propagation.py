@@ -295,16 +295,16 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
     nom_err = (rounding.gamma(n, nominal.dtype) * call(jnp.abs(sym.value), jnp.abs(const))
                + (n + 2) * rounding.FLOOR)
     if sym.error is not None:
-      nom_err = nom_err + call(sym.error, jnp.abs(const)) * (1 + rounding.gamma(n))
+      nom_err = nom_err + call(sym.error, jnp.abs(const)) * (1 + rounding.gamma(n, nominal.dtype))
     widen = lambda h, rel: h * (1 + 2 * (sym.scale_rel + rel)) + nom_err
   else:
     n, widen = 0, lambda h, rel: h
   if iset.norm == "linf":
-    h = widen(call(jnp.abs(sym.scale), jnp.abs(const)), rounding.gamma(n))
+    h = widen(call(jnp.abs(sym.scale), jnp.abs(const)), rounding.gamma(n, nominal.dtype))
     return domain.from_range(nominal, h, h)
   if iset.norm == "l2":
     h = jnp.sqrt(call(jnp.square(sym.scale), jnp.square(const)) + TINY)
-    h = widen(h, rounding.gamma(n + 4))
+    h = widen(h, rounding.gamma(n + 4, nominal.dtype))
     return domain.from_range(nominal, h, h)
   if eqn.primitive.name == "dot_general":
     expand = lambda a, c: _dot_general_expand(eqn, *((a, c) if i == 0 else (c, a)))
@@ -316,11 +316,11 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
   if coef is None:
     return None
   if iset.norm == "l1":
-    h = widen(jnp.max(jnp.abs(coef), axis=-1), rounding.gamma(1))
+    h = widen(jnp.max(jnp.abs(coef), axis=-1), rounding.gamma(1, nominal.dtype))
     return domain.from_range(nominal, h, h)
   # l0: each of k coordinates may move anywhere in [lo, hi].
   up, down = l0_moves(iset, coef, expand(sym.raw, jnp.ones_like(const)))
-  rel = rounding.gamma(iset.k + 4) if domain.sound else 0.0
+  rel = rounding.gamma(iset.k + 4, nominal.dtype) if domain.sound else 0.0
   return domain.from_range(nominal, widen(topk_sum(down, iset.k), rel),
                            widen(topk_sum(up, iset.k), rel))
 
@@ -362,7 +362,7 @@ def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
       return None, 0.0
     err = rounding.slack(value)
     if sym.error is not None:
-      err = err + sym.error * jnp.abs(factor) * (1 + rounding.gamma(1))
+      err = err + sym.error * jnp.abs(factor) * (1 + rounding.gamma(1, value.dtype))
     return err, sym.scale_rel + scale_steps * 4 * rounding.unit_roundoff(value.dtype)
 
   if getattr(primitives.rule(name), "forward", None) == primitives.SUM and other is not None:
@@ -385,7 +385,7 @@ def box_of_symbolic(sym: InputAffine, iset: InputSet, domain: ForwardDomain) -> 
   else:
     up = down = jnp.abs(sym.scale)  # |delta_i| <= eps for every lp ball
   if domain.sound:  # the scale's relative error (and the moves' 3 roundings), value's
-    rel = 2 * (sym.scale_rel + rounding.gamma(3))
+    rel = 2 * (sym.scale_rel + rounding.gamma(3, sym.value.dtype))
     err = 0.0 if sym.error is None else sym.error
     up, down = up * (1 + rel) + err, down * (1 + rel) + err
   return domain.from_range(sym.value, down, up)
