@@ -100,12 +100,17 @@ def _compiled_margin_fn(apply_fn, certifier, chunk_bytes, alpha=None, sound=Fals
   return jax.jit(fn)
 
 
-def _x64(fn):
-  """``fn`` traced, lowered and called inside ``jax.enable_x64(True)`` (the sound mode
-  computes in float64; its outputs are in the inputs' dtypes)."""
-  def call(*args):
+def _sound(plain, sound):
+  """The compiled margin function of ``certify(..., sound=True)``: ``sound`` traced,
+  lowered and called inside ``jax.enable_x64(True)`` (it computes in float64;
+  :func:`dm_jax.core.rounding.check_x64_trace`), its bound capped by the plain one
+  computed exactly as ``sound=False`` computes it, so that the certified points are a
+  subset of the plain ones bit for bit."""
+  def call(params, iset, y):
+    low, correct = plain(params, iset, y)
     with jax.enable_x64(True):
-      return jax.block_until_ready(fn(*args))
+      low_sound, _ = jax.block_until_ready(sound(params, iset, y))
+    return jnp.minimum(low, low_sound.astype(low.dtype)), correct
   return call
 
 
@@ -214,9 +219,10 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   if not isinstance(sound, (bool, np.bool_)):
     raise ValueError(f"sound must be True or False; got {sound!r}.")
   fn = _compiled_margin_fn(apply_fn, method, chunk_bytes,
-                           alpha if uses_alpha(method) else None, bool(sound))
-  if sound:  # traced and lowered in 64-bit mode (rounding.check_x64_trace)
-    fn = _x64(fn)
+                           alpha if uses_alpha(method) else None)
+  if sound:
+    fn = _sound(fn, _compiled_margin_fn(apply_fn, method, chunk_bytes,
+                                        alpha if uses_alpha(method) else None, True))
   # A power of two no larger than batch_size: subsets of any size (the table's
   # monotone pass) reuse a few compiled shapes; the last chunk is padded.
   batch_size = min(batch_size, 1 << (n - 1).bit_length())
