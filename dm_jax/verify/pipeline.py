@@ -68,7 +68,8 @@ class PipelineResult:
     stage: (N,) int, the index in ``stages`` of the stage that decided the point; -1
       where undecided.
     margin_lower: (N,) the largest sound lower bound of ``min_{j != y} f_y - f_j`` over
-      the set that the stages run on the point found (-inf where none ran).
+      the set that the stages run on the point found (-inf where none ran; with
+      ``sound``, float-sound at certified points, see :func:`verify_points`).
     margin_upper: (N,) the smallest margin ``f_y - max_{j != y} f_j`` at a point of the
       set checked by a forward pass (``x`` itself and the attacks' points that lie in
       the set): an upper bound of the minimum over the set (so ``margin_lower <=
@@ -203,8 +204,10 @@ def verify_points(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
       stage certifies is certified only when the same certifier with ``sound=True``
       (:mod:`dm_jax.core.rounding`) certifies it too, and its ``margin_lower`` is that
       sound bound; a point it does not confirm stays undecided for the later stages.
-      (The plain bound screens, so the float64 pass runs on the certified points only.
-      The ``mip`` stage's verdict rests on the solver's tolerances, not analysed.)
+      (The plain bound screens, so the float64 pass runs on the certified points only;
+      so ``margin_lower`` is float-sound where a certifier certified the point, and
+      elsewhere, where it is <= 0 and proves nothing, may be the plain float bound. The
+      ``mip`` stage's verdict rests on the solver's tolerances, not analysed.)
       False: the plain float bounds decide, as before.
 
   Returns:
