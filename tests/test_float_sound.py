@@ -14,7 +14,7 @@ vertices and random points. Nothing here uses dm_jax to compute a reference.
 """
 from __future__ import annotations
 
-import math
+from fractions import Fraction as Q
 
 import chex
 import jax
@@ -25,6 +25,7 @@ from absl.testing import absltest, parameterized
 
 from dm_jax.bounds import linear
 from dm_jax.bounds.interval import interval_bounds
+from dm_jax.core import rounding
 from dm_jax.verify import certify as certify_lib
 from dm_jax.verify import pipeline as pipeline_lib
 
@@ -343,6 +344,51 @@ class CertifyTest(parameterized.TestCase):
     self.assertTrue(exact_min_above(p, active, (1, -1), x[0], 0.05, "linf",
                                     res.margin_lower[0]))
 
+
+class RoundingTest(chex.TestCase):
+  """The helpers of dm_jax.core.rounding against exact rational arithmetic, as compiled
+  by XLA (jit) and eagerly: directed sums, conversions, boxes and the gamma bound."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_directed_helpers(self):
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+      a = rng.normal(size=4000) * 10.0 ** rng.integers(-30, 30, 4000)
+      b = rng.normal(size=4000) * 10.0 ** rng.integers(-30, 30, 4000)
+      a[:50], b[:50] = 1.0, 2.0 ** -60  # ties and exact sums
+      fn = self.variant(lambda a, b: (rounding.add_down(a, b), rounding.add_up(a, b),
+                                      rounding.down_to(a + b, jnp.float32),
+                                      rounding.up_to(a + b, jnp.float32),
+                                      *rounding.centre_radius(jnp.minimum(a, b),
+                                                              jnp.maximum(a, b))))
+      lo, hi, lo32, hi32, c, r = (np.asarray(t) for t in fn(jnp.asarray(a), jnp.asarray(b)))
+    for i in range(a.size):
+      exact = Q(a[i]) + Q(b[i])
+      self.assertLessEqual(Q(lo[i]), exact)
+      self.assertGreaterEqual(Q(hi[i]), exact)
+      if Q(lo[i]) != exact:  # the largest float below: one step up passes the sum
+        self.assertGreater(Q(float(np.nextafter(lo[i], np.inf))), exact)
+      s64 = a[i] + b[i]  # the float64 value the conversion rounds
+      self.assertLessEqual(Q(float(lo32[i])), Q(s64))
+      self.assertGreaterEqual(Q(float(hi32[i])), Q(s64))
+      m, n = min(a[i], b[i]), max(a[i], b[i])
+      self.assertLessEqual(Q(c[i]) - Q(r[i]), Q(m))
+      self.assertGreaterEqual(Q(c[i]) + Q(r[i]), Q(n))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gamma_bounds_any_dot_product(self):
+    rng = np.random.default_rng(1)
+    for n in (3, 100, 3000):
+      with jax.enable_x64(True):
+        x = rng.normal(size=(4, n)) * 10.0 ** rng.integers(-5, 5, (4, n))
+        w = rng.normal(size=(n, 2))
+        got = np.asarray(self.variant(jnp.dot)(jnp.asarray(x), jnp.asarray(w)))
+      for i in range(4):
+        for j in range(2):
+          exact = sum(Q(float(p)) * Q(float(q)) for p, q in zip(x[i], w[:, j]))
+          size = Q(float(np.abs(x[i]) @ np.abs(w[:, j])))
+          self.assertLessEqual(abs(Q(float(got[i, j])) - exact),
+                               Q(rounding.gamma(n, jnp.float64)) * size * (1 + Q(1, 10**6)))
 
 if __name__ == "__main__":
   absltest.main()

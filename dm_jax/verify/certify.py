@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dm_jax import sharding
 from dm_jax.bounds import linear
+from dm_jax.core import rounding
 from dm_jax.core.input_sets import canonical_norm, make_input_set
 from dm_jax.bounds.interval import interval_bounds
 
@@ -221,6 +222,8 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   fn = _compiled_margin_fn(apply_fn, method, chunk_bytes,
                            alpha if uses_alpha(method) else None)
   if sound:
+    # Checked here, on the host: inside the compiled call the arrays are traced.
+    rounding.check_no_subnormals(params, iset.x, iset.eps)
     fn = _sound(fn, _compiled_margin_fn(apply_fn, method, chunk_bytes,
                                         alpha if uses_alpha(method) else None, True))
   # A power of two no larger than batch_size: subsets of any size (the table's
