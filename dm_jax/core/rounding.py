@@ -44,8 +44,7 @@ sound mode instead of being silently unsound.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
