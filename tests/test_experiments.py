@@ -77,10 +77,12 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   r5 = _run(["experiments.certify", f"--checkpoint={workdir}", "--methods=ibp,pipeline",
              "--num_points=10", "--eps_grid=0,0.1", "--pipeline_pgd_steps=10",
              "--pipeline_stages=ibp,crown_ibp,pgd", "--output_dir=" + str(tmp_path / "p"),
-             "--noprogress"])
+             "--noprogress", "--sound"])
   assert r5.returncode == 0, r5.stderr[-3000:]
   assert "pipeline: falsified" in r5.stdout and "time per stage" in r5.stdout
-  pipe = json.loads((tmp_path / "p" / "certify_linf.json").read_text())["pipeline"]
+  sound_table = json.loads((tmp_path / "p" / "certify_linf.json").read_text())
+  assert sound_table["sound"] is True and cert["sound"] is False
+  pipe = sound_table["pipeline"]
   assert pipe["stages"] == ["clean", "ibp", "crown_ibp", "pgd"]
   assert all(abs(c + f + u - 1) < 1e-9 for c, f, u in
              zip(pipe["certified"], pipe["falsified"], pipe["unknown"]))

@@ -58,13 +58,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from dm_jax.bounds import activations, patches, relaxations
-from dm_jax.bounds.interval import Bounds
+from dm_jax.bounds import activations, float_error, patches, relaxations
+from dm_jax.bounds.interval import Bounds, IntervalDomain, no_tighter
 # record_tape and Tape are re-exported: the tape is this module's input.
 from dm_jax.bounds.relaxations import DENSE
 from dm_jax.bounds.tape import (Entry, NodeRef, Tape, interval_of,  # noqa: F401
                                 node_shape, nominal_of, record_tape)
-from dm_jax.core import conv, fast_paths, primitives
+from dm_jax.core import conv, fast_paths, primitives, rounding
 from dm_jax.core.errors import UnsupportedPrimitiveError
 from dm_jax.core.input_sets import InputSet, make_input_set
 
@@ -191,7 +191,8 @@ def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
 
 def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
              stop_nodes: Optional[Dict[int, Tuple]] = None,
-             alphas: Optional[Dict[int, jax.Array]] = None):
+             alphas: Optional[Dict[int, jax.Array]] = None,
+             error: Optional[jax.Array] = None):
   """Lower bound of ``<A, value(target)>`` over the input set.
 
   Args:
@@ -206,10 +207,17 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
       neurons, shared by the R rows (alpha-CROWN; clipped to [0, 1] by
       :func:`relaxations.relu_relaxation`); they replace ``method``'s slope at those
       nodes.
+    error: the sound mode: ``target``'s float error radius (B, *shape(target),
+      :func:`dm_jax.bounds.float_error.error_radius` over a sound tape, with the same
+      ``bounds`` and ``stop_nodes``). The l-inf input box is then rounded outward and
+      the result lowered by ``<|A|, error>`` (rounded down), so that it is sound in
+      floating point (:func:`float_error.row_error`). None: the plain float bound.
 
   Returns:
     (B, R) lower bounds.
   """
+  sound = error is not None
+  A0 = A
   alphas = alphas or {}
   coeffs = {target: A}
   if isinstance(A, SharedRows):
@@ -276,13 +284,15 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
       l, u = stop_nodes[node]
       lower = lower + relaxations.box_minimum(a, l, u, DENSE)
     elif node == 0:
-      lower = lower + relaxations.concretize_input(a, tape.iset, DENSE)
+      lower = lower + relaxations.concretize_input(a, tape.iset, DENSE, outward=sound)
     else:  # pragma: no cover - every path ends at the input or a stop node
       raise AssertionError(f"coefficients left at node {node}")
+  if sound:
+    lower = float_error.sound_lower(lower, float_error.row_error(dense(A0), error))
   return lower
 
 
-def folded_lower_bounds(tape: Tape, A) -> jax.Array:
+def folded_lower_bounds(tape: Tape, A, sound: bool = False) -> jax.Array:
   """Lower bound of ``<A, output>`` with the specification folded into the affine
   equations after the last nonlinearities, whose outputs take their range in the tape's
   domain (IBP's tighter margins, Gowal et al.; the same for Double Margin's ranges).
@@ -290,6 +300,8 @@ def folded_lower_bounds(tape: Tape, A) -> jax.Array:
   Args:
     tape: the recorded model.
     A: (B, R, *output_shape) coefficients.
+    sound: sound in floating point (``tape`` must be recorded in the sound interval
+      domain; see :func:`backward`'s ``error``).
 
   Returns:
     (B, R) lower bounds: ``min <A C_out, h>`` over each stop node's range ``h``, plus the
@@ -297,7 +309,9 @@ def folded_lower_bounds(tape: Tape, A) -> jax.Array:
   """
   stops = {e.out: interval_of(tape, e.out) for e in tape.entries
            if e.kind != primitives.TAPE_AFFINE}
-  return backward(tape, tape.output, A, {}, "crown", stop_nodes=stops)
+  error = (float_error.error_radius(tape, tape.output, {}, stop_nodes=stops) if sound
+           else None)
+  return backward(tape, tape.output, A, {}, "crown", stop_nodes=stops, error=error)
 
 
 # ---------------------------------------------------------- intermediate bounds
@@ -320,9 +334,9 @@ def _exact_forward_nodes(tape: Tape) -> set:
   return set(depth)
 
 
-def _identity_bounds(tape, node, bounds, method, chunk_bytes, alphas=None):
+def _identity_bounds(tape, node, bounds, method, chunk_bytes, alphas=None, error=None):
   """(l, u) of every element of ``node`` by backward passes, chunked by neurons
-  (``alphas`` as in :func:`backward`, shared by the node's rows)."""
+  (``alphas`` and ``error`` as in :func:`backward`, shared by the node's rows)."""
   value = nominal_of(tape, node)
   batch, shape = value.shape[0], value.shape[1:]
   n = int(np.prod(shape))
@@ -335,7 +349,7 @@ def _identity_bounds(tape, node, bounds, method, chunk_bytes, alphas=None):
     rows = jax.nn.one_hot(start + jnp.arange(chunk), n, dtype=value.dtype)
     rows = rows.reshape((chunk,) + shape)
     A = SharedRows(jnp.concatenate([rows, -rows]), batch)
-    low = backward(tape, node, A, bounds, method, alphas=alphas)
+    low = backward(tape, node, A, bounds, method, alphas=alphas, error=error)
     return low[:, :chunk], -low[:, chunk:]
 
   lo, up = relaxations.chunked_identity_bounds(one_chunk, n, chunk)
@@ -367,8 +381,8 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
                         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                         use_patches: bool = True,
                         intersect_ibp: bool = False,
-                        alphas: Optional[Dict[int, Dict[int, jax.Array]]] = None
-                        ) -> Dict[int, Tuple]:
+                        alphas: Optional[Dict[int, Dict[int, jax.Array]]] = None,
+                        sound: bool = False) -> Dict[int, Tuple]:
   """Bounds of every nonlinearity input: {node: (lower, upper)}, each (B, *shape).
 
   Args:
@@ -384,18 +398,23 @@ def intermediate_bounds(tape: Tape, method: str, intermediate: str,
     alphas: optional {node: {ReLU input node: (B, *S) lower slopes}}: the slopes the
       backward passes bounding ``node`` use (alpha-CROWN with optimised intermediate
       bounds; sound for every value); the others use ``method``'s.
+    sound: sound in floating point (``tape`` recorded in the sound interval domain):
+      every backward pass gets its float error radius (:mod:`dm_jax.bounds.float_error`).
   """
   bounds: Dict[int, Tuple] = {}
   alphas = alphas or {}
+  cache: Dict[int, jax.Array] = {}  # the error radii, extended node by node
   for node, by_backward in _bounded_nodes(tape, intermediate):
     if not by_backward:
       bounds[node] = interval_of(tape, node)
       continue
     a = alphas.get(node)
+    error = (jax.lax.stop_gradient(float_error.error_radius(tape, node, bounds, cache=cache))
+             if sound else None)
     if use_patches and patches.supported(tape, node):
-      lu = patches.identity_bounds(tape, node, bounds, method, chunk_bytes, a)
+      lu = patches.identity_bounds(tape, node, bounds, method, chunk_bytes, a, error)
     else:
-      lu = _identity_bounds(tape, node, bounds, method, chunk_bytes, a)
+      lu = _identity_bounds(tape, node, bounds, method, chunk_bytes, a, error)
     bounds[node] = intersect(lu, interval_of(tape, node)) if intersect_ibp else lu
   return bounds
 
@@ -487,7 +506,8 @@ def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
                              config: AlphaConfig, *,
                              chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                              use_patches: bool = True,
-                             intersect_ibp: bool = False) -> jax.Array:
+                             intersect_ibp: bool = False,
+                             sound: bool = False) -> jax.Array:
   """alpha-CROWN's lower bounds of the rows ``A`` (B, R, *output_shape): (B, R).
 
   Args:
@@ -499,6 +519,9 @@ def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
       intersected with IBP's interval with ``intersect_ibp``).
     config: the options (:class:`AlphaConfig`).
     chunk_bytes, use_patches: as :func:`linear_bounds` (the intermediate passes).
+    sound: every iterate's bound sound in floating point (a sound tape; the float error
+      radius of :mod:`dm_jax.bounds.float_error` does not depend on the slopes, so one
+      serves every iterate unless the intermediate bounds move).
 
   Returns:
     The element-wise maximum over the iterates of the row bounds: CROWN's (with
@@ -507,7 +530,10 @@ def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
   """
   out = tape.output
   rows = A.shape[1]
-  crown = backward(tape, out, A, bounds, "crown")
+  radius = lambda b: (jax.lax.stop_gradient(float_error.error_radius(tape, out, b))
+                      if sound else None)
+  error = radius(bounds)
+  crown = backward(tape, out, A, bounds, "crown", error=error)
   if config.steps == 0:
     return crown
   params = {"output": _initial_alphas(tape, out, bounds, rows if config.per_row else None)}
@@ -517,14 +543,16 @@ def alpha_crown_lower_bounds(tape: Tape, A: jax.Array, bounds: Dict[int, Tuple],
                         if by_backward}
 
   def lower(alphas):
-    inter = bounds
+    inter, err = bounds, error
     if config.optimize_intermediate:
       inter = intermediate_bounds(tape, "crown", "linear", chunk_bytes, use_patches,
-                                  intersect_ibp, alphas=alphas["layers"])
+                                  intersect_ibp, alphas=alphas["layers"], sound=sound)
+      err = radius(inter)
     if not config.per_row:
-      return backward(tape, out, A, inter, "crown", alphas=alphas["output"])
+      return backward(tape, out, A, inter, "crown", alphas=alphas["output"], error=err)
     # Row r's bound depends on its coefficients and slopes only: a pass per row.
-    one = lambda a, al: backward(tape, out, a[:, None], inter, "crown", alphas=al)[:, 0]
+    one = lambda a, al: backward(tape, out, a[:, None], inter, "crown", alphas=al,
+                                 error=err)[:, 0]
     return jax.vmap(one, in_axes=(1, 1), out_axes=1)(A, alphas["output"])
 
   def loss(alphas):
@@ -680,7 +708,7 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                   upper: bool = True, num_projections: int = 50,
                   key: Optional[jax.Array] = None,
                   batch_block: Optional[int] = None, intersect_ibp: bool = False,
-                  alpha: Optional[AlphaConfig] = None) -> Bounds:
+                  alpha: Optional[AlphaConfig] = None, sound: bool = False) -> Bounds:
   """Sound bounds of ``spec @ f(x')`` over the input set.
 
   Args:
@@ -716,6 +744,17 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
     alpha: alpha_crown's options (:class:`AlphaConfig`; None: its defaults, 20 steps);
       a ValueError with another method. With ``upper`` the upper rows are ``-spec``'s
       lower rows and share the slopes unless ``alpha.per_row``.
+    sound: bounds sound in floating point, for the real-valued network with these
+      float weights over the real input set: computed in float64 with the tape's
+      intervals and every backward bound widened by a rigorous bound on their rounding
+      error and the l-inf box rounded outward, then rounded outward to the input's
+      dtype (:mod:`dm_jax.core.rounding`, :mod:`dm_jax.bounds.float_error`). They
+      differ from the plain float32 bounds by about a float32 rounding (either way: the
+      plain ones are not exact) and are never tighter than them (the plain bounds are
+      computed too, :func:`dm_jax.bounds.interval.no_tighter`); the cost is float64
+      arithmetic plus the plain pass. Not with
+      projections. Under ``jax.jit``, trace and call inside ``jax.enable_x64(True)``
+      (:func:`dm_jax.core.rounding.check_x64_trace`).
 
   Returns:
     Bounds with (B, R) lower and upper.
@@ -725,7 +764,7 @@ def linear_bounds(apply_fn: Callable, params: Any, x: jax.Array, eps: Any,
                             chunk_bytes=chunk_bytes, use_patches=use_patches, upper=upper,
                             num_projections=num_projections, key=key,
                             batch_block=batch_block, intersect_ibp=intersect_ibp,
-                            alpha=alpha)
+                            alpha=alpha, sound=sound)
 
 
 def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
@@ -736,7 +775,7 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
                        key: Optional[jax.Array] = None,
                        batch_block: Optional[int] = None,
                        intersect_ibp: bool = False,
-                       alpha: Optional[AlphaConfig] = None) -> Bounds:
+                       alpha: Optional[AlphaConfig] = None, sound: bool = False) -> Bounds:
   """:func:`linear_bounds` over a built (validated) input set: (B, R) bounds."""
   method = canonical_method(method)
   batch = iset.x.shape[0]
@@ -751,9 +790,33 @@ def linear_bounds_over(apply_fn: Callable, params: Any, iset: InputSet, *,
     raise ValueError("intersect_ibp applies to exact intermediate bounds "
                      "(intermediate='linear'); projections are estimates for training.")
   alpha = _check_alpha(method, intermediate, alpha)
+  if not isinstance(sound, (bool, np.bool_)):
+    raise ValueError(f"sound must be True or False; got {sound!r}.")
+  if sound and intermediate == "projections":
+    raise ValueError("sound=True needs sound intermediate bounds; projections are "
+                     "estimates for training.")
+  if sound and jnp.dtype(iset.x.dtype) != jnp.dtype(rounding.SOUND_DTYPE):
+    # Computed in float64 (the float32 numbers convert exactly), rounded back outward.
+    rounding.check_no_subnormals(params, iset.x, iset.eps)
+    rounding.check_x64_trace(iset.x)
+    dtype = iset.x.dtype
+    plain = linear_bounds_over(
+        apply_fn, params, iset, spec=spec, method=method, intermediate=intermediate,
+        chunk_bytes=chunk_bytes, use_patches=use_patches, upper=upper,
+        num_projections=num_projections, key=key, batch_block=batch_block,
+        intersect_ibp=intersect_ibp, alpha=alpha)
+    with jax.enable_x64(True):
+      b = linear_bounds_over(
+          apply_fn, rounding.float64(params), iset.take(rounding.float64),
+          spec=None if spec is None else rounding.float64(jnp.asarray(spec)),
+          method=method, intermediate=intermediate, chunk_bytes=chunk_bytes,
+          use_patches=use_patches, upper=upper, num_projections=num_projections, key=key,
+          batch_block=batch_block, intersect_ibp=intersect_ibp, alpha=alpha, sound=True)
+      return no_tighter(Bounds(rounding.down_to(b.lower, dtype),
+                               rounding.up_to(b.upper, dtype)), plain)
   kwargs = dict(method=method, intermediate=intermediate, chunk_bytes=chunk_bytes,
                 use_patches=use_patches, upper=upper, num_projections=num_projections,
-                intersect_ibp=bool(intersect_ibp), alpha=alpha)
+                intersect_ibp=bool(intersect_ibp), alpha=alpha, sound=bool(sound))
   if not batch_block or batch <= batch_block:
     return _linear_bounds(apply_fn, params, iset, spec, key=key, **kwargs)
 
@@ -835,9 +898,9 @@ def _blocked(fn, iset: InputSet, spec, block: int) -> Bounds:
 
 def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermediate,
                    chunk_bytes, use_patches, upper, num_projections, key,
-                   intersect_ibp, alpha) -> Bounds:
+                   intersect_ibp, alpha, sound=False) -> Bounds:
   """:func:`linear_bounds` on one block's input set (arguments validated there)."""
-  tape = record_tape(apply_fn, params, iset)
+  tape = record_tape(apply_fn, params, iset, IntervalDomain(sound) if sound else None)
   out_lo, _ = interval_of(tape, tape.output)
   batch, num = out_lo.shape[0], int(np.prod(out_lo.shape[1:]))
   if spec is None:
@@ -853,7 +916,7 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
   rows = jnp.concatenate([spec, -spec], axis=1) if upper else spec
   A = rows.reshape((batch, -1) + out_lo.shape[1:])
   if method == "ibp":
-    low = folded_lower_bounds(tape, A)
+    low = folded_lower_bounds(tape, A, sound)
   else:
     relax = "crown" if method in ("crown_ibp", "alpha_crown") else method
     if intermediate is None:
@@ -867,18 +930,20 @@ def _linear_bounds(apply_fn, params, iset: InputSet, spec, *, method, intermedia
       bounds = projected_intermediate_bounds(tape, num_projections, key)
     elif intermediate in ("linear", "ibp"):
       bounds = intermediate_bounds(tape, relax, intermediate, chunk_bytes, use_patches,
-                                   intersect_ibp=intersect_ibp)
+                                   intersect_ibp=intersect_ibp, sound=sound)
     else:
       raise ValueError("intermediate must be 'linear', 'ibp' or 'projections'; got "
                        f"{intermediate!r}.")
     if method == "alpha_crown":
       low = alpha_crown_lower_bounds(tape, A, bounds, alpha, chunk_bytes=chunk_bytes,
-                                     use_patches=use_patches, intersect_ibp=intersect_ibp)
+                                     use_patches=use_patches, intersect_ibp=intersect_ibp,
+                                     sound=sound)
     else:
-      low = backward(tape, tape.output, A, bounds, relax)
+      error = (float_error.error_radius(tape, tape.output, bounds) if sound else None)
+      low = backward(tape, tape.output, A, bounds, relax, error=error)
     if intersect_ibp and intermediate == "linear":
       # The output rows too: IBP's (folded) bound of the same rows, over the same tape.
-      low = jnp.maximum(low, folded_lower_bounds(tape, A))
+      low = jnp.maximum(low, folded_lower_bounds(tape, A, sound))
   if not upper:
     return Bounds(low, jnp.full_like(low, jnp.inf))
   return Bounds(low[:, :R], -low[:, R:])
@@ -892,15 +957,18 @@ def margin_lower_bounds(apply_fn: Callable, params: Any, x: jax.Array, y: jax.Ar
                         key: Optional[jax.Array] = None,
                         batch_block: Optional[int] = None,
                         intersect_ibp: bool = False,
-                        alpha: Optional[AlphaConfig] = None) -> jax.Array:
+                        alpha: Optional[AlphaConfig] = None,
+                        sound: bool = False) -> jax.Array:
   """Lower bounds of ``f_y(x') - f_j(x')`` over the set: (B, K), 0 at j == y.
 
-  Arguments as :func:`linear_bounds` (alpha_crown optimises the K - 1 rows j != y).
+  Arguments as :func:`linear_bounds` (alpha_crown optimises the K - 1 rows j != y;
+  ``sound``: sound in floating point).
   """
   return margin_lower_bounds_over(
       apply_fn, params, make_input_set(x, eps, norm, k, domain), y, method=method,
       intermediate=intermediate, chunk_bytes=chunk_bytes, num_projections=num_projections,
-      key=key, batch_block=batch_block, intersect_ibp=intersect_ibp, alpha=alpha)
+      key=key, batch_block=batch_block, intersect_ibp=intersect_ibp, alpha=alpha,
+      sound=sound)
 
 
 def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
@@ -910,7 +978,8 @@ def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
                              num_projections: int = 50, key: Optional[jax.Array] = None,
                              batch_block: Optional[int] = None,
                              intersect_ibp: bool = False,
-                             alpha: Optional[AlphaConfig] = None) -> jax.Array:
+                             alpha: Optional[AlphaConfig] = None,
+                             sound: bool = False) -> jax.Array:
   """:func:`margin_lower_bounds` over a built (validated) input set: (B, K)."""
   y = jnp.asarray(y)
   x = iset.x
@@ -925,7 +994,7 @@ def margin_lower_bounds_over(apply_fn: Callable, params: Any, iset: InputSet,
   b = linear_bounds_over(apply_fn, params, iset, spec=spec, method=method,
                          intermediate=intermediate, chunk_bytes=chunk_bytes, upper=False,
                          num_projections=num_projections, key=key, batch_block=batch_block,
-                         intersect_ibp=intersect_ibp, alpha=alpha)
+                         intersect_ibp=intersect_ibp, alpha=alpha, sound=sound)
   rows = jnp.arange(x.shape[0])[:, None]
   return jnp.zeros((x.shape[0], num_classes), b.lower.dtype).at[rows, others].set(b.lower)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax.bounds import activations, relaxations
+from dm_jax.bounds import activations, float_error, relaxations
 from dm_jax.bounds.tape import NodeRef, node_shape, nominal_of
 from dm_jax.core import primitives
 from dm_jax.core.conv import conv_input_transpose, is_nhwc_conv
@@ -173,11 +173,14 @@ def _layout(patch: Patch, out_hw) -> relaxations.Layout:
                             dot=lambda A, t: _win_sum(A, win(t)), lead=4)
 
 
-def backward_patches(tape, target, A0: Patch, bounds, method, alphas=None):
+def backward_patches(tape, target, A0: Patch, bounds, method, alphas=None, error=None):
   """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like
   dm_jax.bounds.linear's dense ``backward``, with the same steps
   (:mod:`dm_jax.bounds.relaxations`) over the windowed layout. ``alphas``: optional
-  {ReLU input node: (B, *S) lower slopes} (alpha-CROWN), shared by every row."""
+  {ReLU input node: (B, *S) lower slopes} (alpha-CROWN), shared by every row.
+  ``error``: the sound mode, as the dense ``backward``'s (the target's float error
+  radius (B, H, W, C), :func:`dm_jax.bounds.float_error.error_radius`)."""
+  sound = error is not None
   alphas = alphas or {}
   coeffs: Dict[int, Patch] = {target: A0}
   out_hw = A0.A.shape[1:3]
@@ -234,7 +237,11 @@ def backward_patches(tape, target, A0: Patch, bounds, method, alphas=None):
         add(node, Patch(sign * patch.A, patch.K, patch.S, patch.P))
   (node, patch), = coeffs.items()
   assert node == 0, node
-  return offset + concretize(patch, out_hw, tape.iset)
+  lower = offset + concretize(patch, out_hw, tape.iset, outward=sound)
+  if sound:
+    lower = float_error.sound_lower(
+        lower, float_error.row_error(A0.A, error, _layout(A0, out_hw)))
+  return lower
 
 
 def _maxpool_back(patch: Patch, eqn, pre_bounds, layout: relaxations.Layout):
@@ -260,18 +267,20 @@ def _maxpool_back(patch: Patch, eqn, pre_bounds, layout: relaxations.Layout):
   return Patch(out, K, S, P), extra
 
 
-def concretize(patch: Patch, out_hw, iset):
-  """min over the input set of the windowed linear functions: (B, H, W, R)."""
+def concretize(patch: Patch, out_hw, iset, outward: bool = False):
+  """min over the input set of the windowed linear functions: (B, H, W, R)
+  (``outward``: the l-inf box rounded outward, the sound mode)."""
   layout = _layout(patch, out_hw)
   # The windows' zero-padding positions are not coordinates of the input: drop them (a
   # row norm must not count them).
   A = patch.A * layout.lift(jnp.ones_like(iset.x))
-  return relaxations.concretize_input(A, iset, layout)
+  return relaxations.concretize_input(A, iset, layout, outward)
 
 
-def identity_bounds(tape, target, bounds, method, chunk_bytes: int, alphas=None):
-  """(l, u) of every element of the NHWC node ``target`` in patch form (``alphas`` as
-  in :func:`backward_patches`, shared by the node's rows)."""
+def identity_bounds(tape, target, bounds, method, chunk_bytes: int, alphas=None,
+                    error=None):
+  """(l, u) of every element of the NHWC node ``target`` in patch form (``alphas`` and
+  ``error`` as in :func:`backward_patches`, shared by the node's rows)."""
   ref = nominal_of(tape, target)
   b, h, w, c = ref.shape
   # Rows: +e_c (lower bounds) and -e_c (upper bounds), chunked over channels for memory.
@@ -284,7 +293,7 @@ def identity_bounds(tape, target, bounds, method, chunk_bytes: int, alphas=None)
     rows = jnp.concatenate([eye, -eye])
     A = jnp.broadcast_to(rows[None, None, None, :, None, None, :], (b, h, w, 2 * chunk, 1, 1, c))
     low = backward_patches(tape, target, Patch(A, (1, 1), (1, 1), (0, 0)), bounds, method,
-                           alphas)
+                           alphas, error)
     return low[..., :chunk], -low[..., chunk:]
 
   return relaxations.chunked_identity_bounds(one, c, chunk)

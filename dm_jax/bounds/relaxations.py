@@ -229,11 +229,12 @@ def box_minimum(A, lower, upper, layout: Layout):
   return layout.dot(jnp.maximum(A, 0), lower) + layout.dot(jnp.minimum(A, 0), upper)
 
 
-def concretize_input(A, iset: InputSet, layout: Layout):
+def concretize_input(A, iset: InputSet, layout: Layout, outward: bool = False):
   """``min <A, x'>`` over the input set (``A.shape[:lead]``), in closed form: the box
-  for l-inf (with the data box), else ``<A, x> - max_decrease`` (dual norm, top-k)."""
+  for l-inf (with the data box), else ``<A, x> - max_decrease`` (dual norm, top-k).
+  ``outward``: the l-inf box rounded outward (:meth:`InputSet.box`; the sound mode)."""
   if iset.norm == "linf":
-    return box_minimum(A, *iset.box(), layout)
+    return box_minimum(A, *iset.box(outward=outward), layout)
   batch = iset.x.shape[0]
   centre = layout.dot(A, iset.x)
   eps = iset.eps.reshape(batch, -1)[:, 0].reshape((batch,) + (1,) * (layout.lead - 1))

@@ -68,14 +68,19 @@ class InputSet:
     a slice of the batch."""
     return dataclasses.replace(self, x=fn(self.x), eps=fn(self.eps))
 
-  def box(self) -> Tuple[jax.Array, jax.Array]:
-    """Element-wise (lower, upper) bounds of the set (the smallest enclosing box)."""
+  def box(self, outward: bool = False) -> Tuple[jax.Array, jax.Array]:
+    """Element-wise (lower, upper) bounds of the set (the smallest enclosing box).
+    ``outward``: ``x -/+ eps`` rounded outward (:func:`dm_jax.core.rounding.round_down`),
+    so that the float box holds the real one (the sound mode)."""
     if self.norm == "l0":
       lo, hi = (0.0, 1.0) if self.domain is None else self.domain
       lower, upper = jnp.full_like(self.x, lo), jnp.full_like(self.x, hi)
       # A coordinate that is not changed stays at x; the box must contain it too.
       return jnp.minimum(lower, self.x), jnp.maximum(upper, self.x)
     lower, upper = self.x - self.eps, self.x + self.eps
+    if outward:
+      from dm_jax.core import rounding  # pylint: disable=import-outside-toplevel
+      lower, upper = rounding.round_down(lower), rounding.round_up(upper)
     if self.domain is not None:
       lower = jnp.clip(lower, self.domain[0], self.domain[1])
       upper = jnp.clip(upper, self.domain[0], self.domain[1])

@@ -81,6 +81,16 @@ CONCAVE = "concave"      # log1p
 S_SHAPED = "s_shaped"    # convex below 0, concave above (tanh, logistic, erf)
 REVERSE_S = "reverse_s"  # concave below 0, convex above (x**3, erfc)
 
+# rounding: (forward, transpose) rounding classes of an affine primitive for the sound mode
+# (dm_jax.core.rounding.terms): how many roundings one computed element goes through,
+# evaluated forward and in the backward pass's transpose. None: not analysed (the sound
+# mode raises). Monotone primitives: ROUND_EXACT where the map itself is exact (a max).
+ROUND_EXACT = "exact"    # no rounding (permutations, selections, 0/1 coefficients, max)
+ROUND_ONE = "one"        # one rounding per element (a + b, a * c)
+ROUND_TWO = "two"        # two (the patch form's division: A * (1 / c))
+ROUND_SUM = "sum"        # a sum of n terms, n from the equation (rounding.terms)
+ROUND_CAST = "cast"      # exact if the cast keeps every value, else unsupported
+
 # patch: the windowed backward pass (dm_jax.bounds.patches) for conv stacks; None: dense only.
 PATCH_PASS = "pass"              # identity on values (dtype casts, copies)
 PATCH_ELEMENTWISE = "elementwise"  # element-wise with a same-shape or broadcast constant
@@ -111,6 +121,7 @@ class Rule:
       (forward PRODUCT, tape TAPE_PRODUCT), and the same operand twice is its square
       (the rule of ``square``).
     note: what the domains' support depends on, in words (for error messages).
+    rounding: (forward, transpose) ROUND_* classes for the sound mode, or None.
   """
   kind: str
   operands: str = ANY
@@ -124,6 +135,7 @@ class Rule:
   curvature: Union[None, str, Callable[[Mapping], Optional[str]]] = None
   product: bool = False
   note: str = ""
+  rounding: Optional[Tuple[str, str]] = None
 
 
 def _power_forward(params: Mapping) -> Optional[str]:
@@ -143,8 +155,14 @@ def _activation(curvature, kind=MONOTONE, forward=UNARY, operands=FIRST, note=""
               note=note)
 
 
-def _structural(symbolic: bool = False, patch: Optional[str] = None) -> Rule:
-  return Rule(AFFINE, FIRST, INDEX, MAP, TAPE_AFFINE, symbolic=symbolic, patch=patch)
+_EXACT = (ROUND_EXACT, ROUND_EXACT)
+_SUMS = (ROUND_SUM, ROUND_SUM)
+
+
+def _structural(symbolic: bool = False, patch: Optional[str] = None,
+                rounding: Tuple[str, str] = _EXACT) -> Rule:
+  return Rule(AFFINE, FIRST, INDEX, MAP, TAPE_AFFINE, symbolic=symbolic, patch=patch,
+              rounding=rounding)
 
 
 RULES: Dict[str, Rule] = {
@@ -156,40 +174,45 @@ RULES: Dict[str, Rule] = {
     "expand_dims": _structural(symbolic=True),
     "rev": _structural(symbolic=True),
     "slice": _structural(symbolic=True),
-    "convert_element_type": _structural(symbolic=True, patch=PATCH_PASS),
+    "convert_element_type": _structural(symbolic=True, patch=PATCH_PASS,
+                                        rounding=(ROUND_CAST, ROUND_CAST)),
     "copy": _structural(symbolic=True, patch=PATCH_PASS),
     "copy_p": _structural(symbolic=True, patch=PATCH_PASS),
-    "reduce_precision": _structural(symbolic=True, patch=PATCH_PASS),
-    "broadcast_in_dim": _structural(),
-    "reduce_sum": _structural(),
-    "reduce_window_sum": _structural(),
+    "reduce_precision": _structural(symbolic=True, patch=PATCH_PASS,
+                                    rounding=(ROUND_CAST, ROUND_CAST)),
+    "broadcast_in_dim": _structural(rounding=(ROUND_EXACT, ROUND_SUM)),
+    "reduce_sum": _structural(rounding=(ROUND_SUM, ROUND_EXACT)),
+    "reduce_window_sum": _structural(rounding=_SUMS),
     "dynamic_slice": _structural(),
-    "cumsum": _structural(),
+    "cumsum": _structural(rounding=_SUMS),
     # Bilinear: affine when exactly one operand depends on the input.
     "mul": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
                 product=True, note="a product of two input-dependent operands: interval "
-                "and linear only"),
-    "dot_general": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE),
+                "and linear only", rounding=(ROUND_ONE, ROUND_TWO)),
+    "dot_general": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE, rounding=_SUMS),
     "conv_general_dilated": Rule(AFFINE, ONE, COEFFICIENT, ABS, TAPE_AFFINE,
-                                 patch=PATCH_CONV),
-    "div": Rule(AFFINE, FIRST, COEFFICIENT, DIV, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+                                 patch=PATCH_CONV, rounding=_SUMS),
+    "div": Rule(AFFINE, FIRST, COEFFICIENT, DIV, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                rounding=(ROUND_ONE, ROUND_TWO)),
     # Jointly affine; constant operands are offsets.
-    "add": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
-    "add_any": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE),
+    "add": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                rounding=(ROUND_ONE, ROUND_EXACT)),
+    "add_any": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
+                    rounding=(ROUND_ONE, ROUND_EXACT)),
     "sub": Rule(AFFINE, ANY, BIAS, SUM, TAPE_AFFINE, patch=PATCH_ELEMENTWISE,
-                signs=(1.0, -1.0)),
-    "neg": Rule(AFFINE, ANY, BIAS, NEG, TAPE_AFFINE, patch=PATCH_NEG),
-    "concatenate": Rule(AFFINE, ANY, BIAS, CONCAT, TAPE_AFFINE),
+                signs=(1.0, -1.0), rounding=(ROUND_ONE, ROUND_EXACT)),
+    "neg": Rule(AFFINE, ANY, BIAS, NEG, TAPE_AFFINE, patch=PATCH_NEG, rounding=_EXACT),
+    "concatenate": Rule(AFFINE, ANY, BIAS, CONCAT, TAPE_AFFINE, rounding=_EXACT),
     # (Jointly linear in the operand and the padding value; the forward PAD rule takes a
     # constant padding value only.)
-    "pad": Rule(AFFINE, ANY, BIAS, PAD, TAPE_AFFINE),
-    "select_n": Rule(AFFINE, DATA, BIAS, SELECT, TAPE_AFFINE),
+    "pad": Rule(AFFINE, ANY, BIAS, PAD, TAPE_AFFINE, rounding=_EXACT),
+    "select_n": Rule(AFFINE, DATA, BIAS, SELECT, TAPE_AFFINE, rounding=_EXACT),
     "dynamic_update_slice": Rule(AFFINE, NOT_INDICES, BIAS),  # the MIP only
     # Non-decreasing in their one operand.
     "reduce_window_max": Rule(MONOTONE, FIRST, forward=UNARY, tape=TAPE_MAXPOOL,
-                              mip_max=True),
-    "reduce_max": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
-    "cummax": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True),
+                              mip_max=True, rounding=_EXACT),
+    "reduce_max": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True, rounding=_EXACT),
+    "cummax": Rule(MONOTONE, FIRST, forward=UNARY, mip_max=True, rounding=_EXACT),
     # Element-wise nonlinearities: a forward rule, and lines from their curvature in the
     # linear methods (dm_jax.bounds.activations).
     "tanh": _activation(S_SHAPED),
@@ -206,9 +229,9 @@ RULES: Dict[str, Rule] = {
                                note="positive powers; Double Margin takes odd ones only"),
     # (The MIP also encodes max/min of two input-dependent tensors; the forward and
     # linear domains take one with a constant.)
-    "max": Rule(MAX_MIN, ANY, forward=EXTREMUM, tape=TAPE_RELU),
-    "min": Rule(MAX_MIN, ANY, forward=EXTREMUM),
-    "clamp": Rule(CLAMP, MIDDLE, forward=CLAMPED),
+    "max": Rule(MAX_MIN, ANY, forward=EXTREMUM, tape=TAPE_RELU, rounding=_EXACT),
+    "min": Rule(MAX_MIN, ANY, forward=EXTREMUM, rounding=_EXACT),
+    "clamp": Rule(CLAMP, MIDDLE, forward=CLAMPED, rounding=_EXACT),
 }
 
 # Composite calls recognised as a whole: name -> the reference function (a call is the

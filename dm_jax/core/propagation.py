@@ -11,6 +11,11 @@ For l2, l1 and l0 input sets the input is first carried symbolically
 (:class:`InputAffine`) through element-wise affine pre-processing (reshape, scaling,
 normalisation) up to the first ``dot_general``/``conv``, whose output range over the set
 is computed exactly (``eps ||row||_q``, or the top-k sums for l0), as SPEC.md asks.
+
+A domain with ``sound = True`` (the interval domain's sound mode) gets every affine
+output through its ``round_affine`` (the rounding error of the step), and the symbolic
+input carries bounds on its own rounding (:class:`InputAffine` ``error``, ``scale_rel``)
+into the exact first layer (:mod:`dm_jax.core.rounding`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dm_jax.core import conv, fast_paths, interpreter, primitives
+from dm_jax.core import conv, fast_paths, interpreter, primitives, rounding
 from dm_jax.core.errors import UnsupportedPrimitiveError
 from dm_jax.core.input_sets import TINY, InputSet, l0_moves, topk_sum
 
@@ -53,16 +58,30 @@ class InputAffine:
     value: nominal value (same shape as the others).
     scale: the coefficient ``a`` times eps (l2, l1) or ``a`` (l0); signed.
     raw: the nominal raw input coordinate each element comes from.
+    error: sound mode only: a bound on ``|value - exact value|`` (value's shape; None:
+      exact), the rounding of the element-wise steps so far.
+    scale_rel: sound mode only: a bound on the relative error of ``scale``.
   """
   value: jax.Array
   scale: jax.Array
   raw: jax.Array
+  error: Optional[jax.Array] = None
+  scale_rel: float = 0.0
 
 
 class ForwardDomain:
   """Base of forward domains. Subclasses define the start and the nonlinear rule."""
 
   name = "abstract"
+  # Sound in floating point (the interval domain's sound mode): affine outputs go
+  # through round_affine and the symbolic input tracks its rounding.
+  sound = False
+
+  def round_affine(self, eqn, invals, out: "Abstract") -> "Abstract":
+    """The affine output ``out`` widened for the step's float rounding (sound
+    domains); ``out`` itself by default."""
+    del eqn, invals
+    return out
 
   def from_range(self, nominal, down, up) -> Abstract:
     """The value set ``[nominal - down, nominal + up]`` (element-wise), nominal exact."""
@@ -258,7 +277,14 @@ def nonlinear(eqn, invals, domain: ForwardDomain) -> Optional[Abstract]:
   if prim is None:
     return None
   idx = [i for i, v in enumerate(invals) if isinstance(v, Abstract)]
-  if prim.product and len(idx) == 2:
+  forward = primitives.forward_of(prim, eqn.params)
+  is_product = prim.product and len(idx) == 2
+  if domain.sound and (is_product or forward in (primitives.DECREASING,
+                                                  primitives.VALLEY)):
+    # Products, squares and erfc round: the sound mode takes exact maps only.
+    raise UnsupportedPrimitiveError(name, rounding.DOMAIN_NAME,
+                                    "its rounding is not analysed")
+  if is_product:
     a, b = invals
     if a is b:  # x * x: its square
       out = domain.valley(lambda t: _bind(eqn, t, t), a)
@@ -271,7 +297,6 @@ def nonlinear(eqn, invals, domain: ForwardDomain) -> Optional[Abstract]:
       raise UnsupportedPrimitiveError(name, domain.name, "a product of two "
                                       "input-dependent operands")
     return out
-  forward = primitives.forward_of(prim, eqn.params)
   if forward not in (primitives.DECREASING, primitives.VALLEY):
     return None
   if len(idx) != 1 or not primitives.operands_allowed(prim, idx):
@@ -342,11 +367,23 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
     return _bind(eqn, *((a, c) if i == 0 else (c, a)))
 
   nominal = call(sym.value, const)
+  if domain.sound:
+    # The nominal's rounding (a sum of n terms) and the value's own error; each range
+    # below is widened by its relative error (rel) on top of the scale's.
+    n = rounding.terms(eqn, i)
+    nom_err = (rounding.gamma(n, nominal.dtype) * call(jnp.abs(sym.value), jnp.abs(const))
+               + (n + 2) * rounding.FLOOR)
+    if sym.error is not None:
+      nom_err = nom_err + call(sym.error, jnp.abs(const)) * (1 + rounding.gamma(n, nominal.dtype))
+    widen = lambda h, rel: h * (1 + 2 * (sym.scale_rel + rel)) + nom_err
+  else:
+    n, widen = 0, lambda h, rel: h
   if iset.norm == "linf":
-    h = call(jnp.abs(sym.scale), jnp.abs(const))
+    h = widen(call(jnp.abs(sym.scale), jnp.abs(const)), rounding.gamma(n, nominal.dtype))
     return domain.from_range(nominal, h, h)
   if iset.norm == "l2":
     h = jnp.sqrt(call(jnp.square(sym.scale), jnp.square(const)) + TINY)
+    h = widen(h, rounding.gamma(n + 4, nominal.dtype))
     return domain.from_range(nominal, h, h)
   if eqn.primitive.name == "dot_general":
     expand = lambda a, c: _dot_general_expand(eqn, *((a, c) if i == 0 else (c, a)))
@@ -358,11 +395,13 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
   if coef is None:
     return None
   if iset.norm == "l1":
-    h = jnp.max(jnp.abs(coef), axis=-1)
+    h = widen(jnp.max(jnp.abs(coef), axis=-1), rounding.gamma(1, nominal.dtype))
     return domain.from_range(nominal, h, h)
   # l0: each of k coordinates may move anywhere in [lo, hi].
   up, down = l0_moves(iset, coef, expand(sym.raw, jnp.ones_like(const)))
-  return domain.from_range(nominal, topk_sum(down, iset.k), topk_sum(up, iset.k))
+  rel = rounding.gamma(iset.k + 4, nominal.dtype) if domain.sound else 0.0
+  return domain.from_range(nominal, widen(topk_sum(down, iset.k), rel),
+                           widen(topk_sum(up, iset.k), rel))
 
 
 def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
@@ -374,28 +413,47 @@ def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
   i = idx[0]
   sym = invals[i]
   same_shape = _out_shape(eqn) == tuple(sym.value.shape)
+  sound = domain.sound
+  if sound:
+    rounding.terms(eqn, i)  # raises for a step the rounding analysis does not cover
+  moved = lambda f: None if sym.error is None else f(sym.error)  # exact steps move it
   if name in _SYMBOLIC_STRUCTURAL and len(invals) == 1:
-    return InputAffine(_bind(eqn, sym.value), _bind(eqn, sym.scale), _bind(eqn, sym.raw))
+    return InputAffine(_bind(eqn, sym.value), _bind(eqn, sym.scale), _bind(eqn, sym.raw),
+                       moved(lambda e: _bind(eqn, e)), sym.scale_rel)
   if name == "neg":
-    return InputAffine(-sym.value, -sym.scale, sym.raw)
+    return InputAffine(-sym.value, -sym.scale, sym.raw, sym.error, sym.scale_rel)
   if name == "pad" and i == 0 and not isinstance(invals[1], (InputAffine, Abstract)):
     # Padded positions are constants: scale 0, so they never count in a row norm.
     zero = jnp.zeros((), sym.scale.dtype)
     return InputAffine(_bind(eqn, sym.value, invals[1]), _bind(eqn, sym.scale, zero),
-                       _bind(eqn, sym.raw, zero))
+                       _bind(eqn, sym.raw, zero), moved(lambda e: _bind(eqn, e, zero)),
+                       sym.scale_rel)
   if name in ("dot_general", "conv_general_dilated"):
     return exact_first_linear(eqn, invals, iset, domain)
   if not same_shape:
     return None
   other = invals[1 - i] if len(invals) == 2 else None
+
+  def rounded(value, factor=1.0, scale_steps=0):
+    """The error after one rounded element-wise step (value's error scaled by
+    ``|factor|``, plus the step's rounding); None outside the sound mode."""
+    if not sound:
+      return None, 0.0
+    err = rounding.slack(value)
+    if sym.error is not None:
+      err = err + sym.error * jnp.abs(factor) * (1 + rounding.gamma(1, value.dtype))
+    return err, sym.scale_rel + scale_steps * 4 * rounding.unit_roundoff(value.dtype)
+
   if getattr(primitives.rule(name), "forward", None) == primitives.SUM and other is not None:
     sign = primitives.operand_sign(name, i)
-    return InputAffine(_bind(eqn, *invals[:i], sym.value, *invals[i + 1:]),
-                       sign * sym.scale, sym.raw)
+    value = _bind(eqn, *invals[:i], sym.value, *invals[i + 1:])
+    return InputAffine(value, sign * sym.scale, sym.raw, *rounded(value))
   if name == "mul" and other is not None:
-    return InputAffine(sym.value * other, sym.scale * other, sym.raw)
+    value = sym.value * other
+    return InputAffine(value, sym.scale * other, sym.raw, *rounded(value, other, 1))
   if name == "div" and i == 0:
-    return InputAffine(sym.value / other, sym.scale / other, sym.raw)
+    value = sym.value / other
+    return InputAffine(value, sym.scale / other, sym.raw, *rounded(value, 1 / other, 1))
   return None
 
 
@@ -403,9 +461,13 @@ def box_of_symbolic(sym: InputAffine, iset: InputSet, domain: ForwardDomain) -> 
   """Element-wise box of a symbolic input (used when no exact rule applies)."""
   if iset.norm == "l0":
     up, down = l0_moves(iset, sym.scale, sym.raw)
-    return domain.from_range(sym.value, down, up)
-  h = jnp.abs(sym.scale)  # |delta_i| <= eps for every lp ball
-  return domain.from_range(sym.value, h, h)
+  else:
+    up = down = jnp.abs(sym.scale)  # |delta_i| <= eps for every lp ball
+  if domain.sound:  # the scale's relative error (and the moves' 3 roundings), value's
+    rel = 2 * (sym.scale_rel + rounding.gamma(3, sym.value.dtype))
+    err = 0.0 if sym.error is None else sym.error
+    up, down = up * (1 + rel) + err, down * (1 + rel) + err
+  return domain.from_range(sym.value, down, up)
 
 
 # ------------------------------------------------------------------------ the driver
@@ -413,8 +475,11 @@ def box_of_symbolic(sym: InputAffine, iset: InputSet, domain: ForwardDomain) -> 
 def input_value(iset: InputSet, domain: ForwardDomain):
   """The abstract value of the input set in ``domain``."""
   if iset.norm == "linf":
-    lower, upper = iset.box()
-    return domain.from_range(iset.x, iset.x - lower, upper - iset.x)
+    lower, upper = iset.box(outward=domain.sound)
+    down, up = iset.x - lower, upper - iset.x
+    if domain.sound:  # each difference is one rounding
+      down, up = rounding.round_up(down), rounding.round_up(up)
+    return domain.from_range(iset.x, down, up)
   scale = jnp.ones_like(iset.x) if iset.norm == "l0" else iset.eps
   return InputAffine(iset.x, scale, iset.x)
 
@@ -454,8 +519,10 @@ def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain,
     if out is not None:
       return [out]
     if name in AFFINE_PRIMITIVES:
-      return [affine(eqn, invals, domain.name)]
+      return [domain.round_affine(eqn, invals, affine(eqn, invals, domain.name))]
     mono = monotone_function(eqn, invals)
+    if mono is not None and domain.sound:
+      rounding.terms(eqn, mono[1])  # an inexact map (tanh, logistic) raises
     if mono is not None:
       g, i, is_relu = mono
       if is_relu:

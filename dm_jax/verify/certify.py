@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dm_jax import sharding
 from dm_jax.bounds import linear
+from dm_jax.core import rounding
 from dm_jax.core.input_sets import canonical_norm, make_input_set
 from dm_jax.bounds.interval import interval_bounds
 
@@ -87,16 +88,31 @@ def uses_alpha(certifier: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_margin_fn(apply_fn, certifier, chunk_bytes, alpha=None):
+def _compiled_margin_fn(apply_fn, certifier, chunk_bytes, alpha=None, sound=False):
   method, intersect_ibp = linear_options(certifier)
 
   def fn(params, iset, y):
     lb = linear.margin_lower_bounds_over(apply_fn, params, iset, y, method=method,
                                          chunk_bytes=chunk_bytes,
-                                         intersect_ibp=intersect_ibp, alpha=alpha)
+                                         intersect_ibp=intersect_ibp, alpha=alpha,
+                                         sound=sound)
     correct = jnp.argmax(apply_fn(params, iset.x), axis=-1) == y
     return linear.worst_margin(lb, y), correct
   return jax.jit(fn)
+
+
+def _sound(plain, sound):
+  """The compiled margin function of ``certify(..., sound=True)``: ``sound`` traced,
+  lowered and called inside ``jax.enable_x64(True)`` (it computes in float64;
+  :func:`dm_jax.core.rounding.check_x64_trace`), its bound capped by the plain one
+  computed exactly as ``sound=False`` computes it, so that the certified points are a
+  subset of the plain ones bit for bit."""
+  def call(params, iset, y):
+    low, correct = plain(params, iset, y)
+    with jax.enable_x64(True):
+      low_sound, _ = jax.block_until_ready(sound(params, iset, y))
+    return jnp.minimum(low, low_sound.astype(low.dtype)), correct
+  return call
 
 
 def _check_xy(x, y):
@@ -110,7 +126,7 @@ def _check_xy(x, y):
 
 
 # The options of certify(..., pipeline={...}): verify_points' own arguments.
-PIPELINE_OPTIONS = ("stages", "pgd", "mip_options", "certifiable")
+PIPELINE_OPTIONS = ("stages", "pgd", "mip_options", "certifiable", "sound")
 
 
 def check_eps(eps, n: int) -> np.ndarray:
@@ -130,8 +146,8 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
             k: Optional[int] = None, domain=None, batch_size: int = 256,
             chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES, progress: bool = False,
             mip_time_limit: float = 60.0, pipeline: Optional[Dict] = None,
-            mesh=None,
-            alpha: Optional[linear.AlphaConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+            mesh=None, alpha: Optional[linear.AlphaConfig] = None,
+            sound: bool = False) -> Tuple[np.ndarray, np.ndarray]:
   """Certifies N points at radius ``eps`` (scalar or (N,) per point).
 
   Args:
@@ -152,6 +168,11 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     alpha: alpha-CROWN's options (``linear.AlphaConfig``: steps, lr, ...; None: its
       defaults) for the alpha_crown certifiers; the other certifiers ignore it (so one
       table can pass it to every row).
+    sound: margin bounds sound in floating point (``linear.margin_lower_bounds(...,
+      sound=True)``: float64 with rigorous rounding bounds, never above the plain
+      bound, so the certified points are a subset of the plain ones); for the pipeline,
+      ``True`` sets its ``sound`` option (which is on by default). ValueError with ``mip``, whose
+      solver's tolerances are not analysed.
 
   Returns:
     (certified (N,) bool, margin_lower (N,) float): the lower bound of
@@ -176,12 +197,18 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   if method == "pipeline":
     from dm_jax.verify import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+    opts = dict(pipeline or {})
+    if sound:
+      opts["sound"] = True
     res = pipeline_lib.verify_points(apply_fn, params, x, y, eps_arr, norm, k=k,
                                      domain=domain, batch_size=batch_size,
                                      chunk_bytes=chunk_bytes, mip_time_limit=mip_time_limit,
-                                     **(pipeline or {}))
+                                     **opts)
     return res.certified, res.margin_lower
   if method == "mip":
+    if sound:
+      raise ValueError("sound=True is not available for method='mip' (the MILP solver's "
+                       "tolerances are not analysed).")
     from dm_jax.verify import mip  # scipy solver: small nets only, not jit-able
     if norm not in ("linf", "l1") or np.unique(eps_arr).size != 1:
       raise ValueError("method='mip' needs norm linf or l1 and one eps for all points.")
@@ -190,8 +217,15 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
     return np.asarray(cert), np.asarray(lower)
   if alpha is not None and not isinstance(alpha, linear.AlphaConfig):
     raise ValueError(f"alpha must be a linear.AlphaConfig or None; got {alpha!r}.")
+  if not isinstance(sound, (bool, np.bool_)):
+    raise ValueError(f"sound must be True or False; got {sound!r}.")
   fn = _compiled_margin_fn(apply_fn, method, chunk_bytes,
                            alpha if uses_alpha(method) else None)
+  if sound:
+    # Checked here, on the host: inside the compiled call the arrays are traced.
+    rounding.check_no_subnormals(params, iset.x, iset.eps)
+    fn = _sound(fn, _compiled_margin_fn(apply_fn, method, chunk_bytes,
+                                        alpha if uses_alpha(method) else None, True))
   # A power of two no larger than batch_size: subsets of any size (the table's
   # monotone pass) reuse a few compiled shapes; the last chunk is padded.
   batch_size = min(batch_size, 1 << (n - 1).bit_length())
@@ -243,7 +277,8 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
       stays the union of sound certificates; the intersected bound is never looser than
       IBP's, and usually (not always: tighter intermediate bounds change the relaxations'
       slopes) tighter than the plain one, which stays in the union too.
-    pipeline: options of the ``pipeline`` row (``stages``, ``pgd``, ``mip_options``;
+    pipeline: options of the ``pipeline`` row (``stages``, ``pgd``, ``mip_options``,
+      ``sound``;
       see :func:`dm_jax.verify.pipeline.verify_points`; ``mip_time_limit`` comes from
       ``**kw``). The row is its certified share (it enters "best"); the table gets
       ``pipeline`` with the falsified and unknown shares and the seconds per stage.
@@ -258,7 +293,8 @@ def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
       certificate at eps holds at every smaller eps), so this changes no number and
       saves the work on points already lost; it can only under-report, never
       certify a point without checking it. ``False`` checks every point at every eps.
-    **kw: passed to :func:`certify` (``batch_size``, ``domain``, ``k``, ``alpha``, ...).
+    **kw: passed to :func:`certify` (``batch_size``, ``domain``, ``k``, ``alpha``,
+      ``sound``, ...).
 
   Returns:
     dict with ``eps`` (list), ``rows`` {method: [accuracy per eps]} including "best"
@@ -374,6 +410,8 @@ def _pipeline_pass(apply_fn, params, x, y, eps_grid, order, norm, monotone, opti
   cex = np.zeros(x.shape, np.asarray(x).dtype)
   vk = {key: kw[key] for key in ("k", "domain", "batch_size", "chunk_bytes",
                                  "mip_time_limit") if key in kw}
+  if kw.get("sound"):  # the rows' sound=True holds the pipeline to it too
+    vk["sound"] = True
   for i in order:
     eps = np.full(n, float(eps_grid[i]), np.float32)
     reused = np.zeros(n, bool)

@@ -23,6 +23,11 @@ default is :data:`DEFAULT_STAGES` (``pgd`` dropped for l1/l0, which PGD does not
 ``mip`` is off by default (add it last, after ``pgd``, so the MILPs only run on what the
 attack did not break).
 
+The certified verdict is sound in floating point by default (``sound=True``): a point a
+certifier stage certifies with its plain float bound is certified only if the same
+certifier with ``sound=True`` (float64 with rigorous rounding bounds,
+:mod:`dm_jax.core.rounding`) certifies it too.
+
 Certified points are those of a sound certifier, falsified ones have a verified
 counterexample, so the two are disjoint and ``certified share <= true robust accuracy
 <= 1 - falsified share``: the union of sound certificates is what users report, the
@@ -63,7 +68,8 @@ class PipelineResult:
     stage: (N,) int, the index in ``stages`` of the stage that decided the point; -1
       where undecided.
     margin_lower: (N,) the largest sound lower bound of ``min_{j != y} f_y - f_j`` over
-      the set that the stages run on the point found (-inf where none ran).
+      the set that the stages run on the point found (-inf where none ran; with
+      ``sound``, float-sound at certified points, see :func:`verify_points`).
     margin_upper: (N,) the smallest margin ``f_y - max_{j != y} f_j`` at a point of the
       set checked by a forward pass (``x`` itself and the attacks' points that lie in
       the set): an upper bound of the minimum over the set (so ``margin_lower <=
@@ -173,7 +179,8 @@ def verify_points(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
                   stages: Optional[Sequence[str]] = None, pgd: Optional[Dict] = None,
                   mip_time_limit: float = 60.0, mip_options: Optional[Dict] = None,
                   certifiable: Optional[np.ndarray] = None, batch_size: int = 256,
-                  chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES) -> PipelineResult:
+                  chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES,
+                  sound: bool = True) -> PipelineResult:
   """Certified, falsified or unknown, per point, by the stages in turn.
 
   Args:
@@ -193,6 +200,15 @@ def verify_points(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
       see; the others only meet the falsifiers (a table's monotone pass: a point not
       certified at a smaller eps is not certified at a larger one).
     batch_size, chunk_bytes: of the certifiers (:func:`dm_jax.verify.certify.certify`).
+    sound: the final verdict sound in floating point (default): a point a certifier
+      stage certifies is certified only when the same certifier with ``sound=True``
+      (:mod:`dm_jax.core.rounding`) certifies it too, and its ``margin_lower`` is that
+      sound bound; a point it does not confirm stays undecided for the later stages.
+      (The plain bound screens, so the float64 pass runs on the certified points only;
+      so ``margin_lower`` is float-sound where a certifier certified the point, and
+      elsewhere, where it is <= 0 and proves nothing, may be the plain float bound. The
+      ``mip`` stage's verdict rests on the solver's tolerances, not analysed.)
+      False: the plain float bounds decide, as before.
 
   Returns:
     A :class:`PipelineResult`.
@@ -287,10 +303,17 @@ def verify_points(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
       if np.any(have):
         decided[name] += falsify(idx[have], cand[have], index)
     else:
-      cert, low = certify_lib.certify(apply_fn, params, x[idx], y[idx], eps_arr[idx], norm,
-                                      method=name, k=k, domain=domain,
-                                      batch_size=batch_size, chunk_bytes=chunk_bytes,
-                                      mip_time_limit=mip_time_limit)
+      run = lambda i, s: certify_lib.certify(
+          apply_fn, params, x[i], y[i], eps_arr[i], norm, method=name, k=k, domain=domain,
+          batch_size=batch_size, chunk_bytes=chunk_bytes, mip_time_limit=mip_time_limit,
+          sound=s)
+      cert, low = run(idx, False)
+      if sound and np.any(cert):  # the verdict: the sound bound of what the plain one certifies
+        cert_s, low_s = run(idx[cert], True)
+        low = low.copy()
+        low[cert] = low_s
+        cert = cert.copy()
+        cert[cert] = cert_s
       lower[idx] = np.maximum(lower[idx], low)
       status[idx[cert]], stage[idx[cert]] = CERTIFIED, index
       decided[name] = int(cert.sum())
