@@ -5,7 +5,8 @@
   ``@pytest.mark.sweep`` by hand (heavy end-to-end checks). ``pytest -m "not slow"``
   runs them with the default tier; that is README's test command and what CI runs, so
   every piece of evidence still runs before anything lands;
-* ``slow``: training runs and long sweeps that neither runs (``pytest -m slow``).
+* ``slow``: training runs and long sweeps that neither runs (``pytest -m slow``),
+  among them the extra cases of the tests a module names in ``SLOW_SWEEPS``.
 
 The rule, applied here so that a new test needs no marking: the cases generated from
 one test function (``pytest.mark.parametrize``, absl's ``parameterized`` and
@@ -41,7 +42,15 @@ def pytest_collection_modifyitems(config, items):
     groups.setdefault(id(_origin(fn)), []).append(item)
   for group in groups.values():
     for item in sorted(group, key=_order)[1:]:
-      item.add_marker(pytest.mark.sweep)
+      item.add_marker(pytest.mark.slow if _slow_sweep(item) else pytest.mark.sweep)
+
+
+def _slow_sweep(item: pytest.Item) -> bool:
+  """Whether the module names the item's test in ``SLOW_SWEEPS``: its first case stays
+  in the default tier and the others go to ``slow``, where one case costs tens of
+  seconds and the group would push CI past its time limit."""
+  names = getattr(getattr(item, "module", None), "SLOW_SWEEPS", ())
+  return _origin(item.function).__name__ in names
 
 
 def _order(item: pytest.Item):
