@@ -46,11 +46,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _slow_sweep(item: pytest.Item) -> bool:
-  """Whether the module names the item's test in ``SLOW_SWEEPS``: its first case stays
+  """Whether the module names the item's test in ``SLOW_SWEEPS`` (or sets it to
+  ``"all"``, for every test of the module): its first case stays
   in the default tier and the others go to ``slow``, where one case costs tens of
   seconds and the group would push CI past its time limit."""
   names = getattr(getattr(item, "module", None), "SLOW_SWEEPS", ())
-  return _origin(item.function).__name__ in names
+  return names == "all" or _origin(item.function).__name__ in names
 
 
 def _order(item: pytest.Item):

@@ -23,6 +23,10 @@ from dm_jax.bounds import linear, loss_fusion
 from dm_jax.core.input_sets import make_input_set
 from dm_jax.train.methods import Hyper, attacks, get_method
 
+# The extra cases of the sampled-and-attacked bound test go to the slow tier (its first
+# case runs by default; conftest.py): they would push CI past its time limit.
+SLOW_SWEEPS = ("test_above_sampled_and_attacked_cross_entropy",)
+
 WIDTHS = (0.0, 1e-7, 9.9e-5, 1e-4, 1.01e-4, 0.3, 1.0, 19.9, 20.0, 20.1, 87.0, 200.0, 3e3)
 
 
