@@ -25,14 +25,20 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("checkpoint", None, "Training workdirs (comma-separated).")
-flags.DEFINE_float("eps", 0.3, "The radius.")
-flags.DEFINE_integer("num_points", 200, "Seeded test points.")
-flags.DEFINE_integer("seed", 0, "Seed of the points and of PGD.")
-flags.DEFINE_integer("batch_size", 50, "Points per bound computation.")
-flags.DEFINE_bool("domain_box", True, "Intersect the ball with the data box [0, 1].")
-flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR).")
-flags.DEFINE_string("output", None, "Write the rows as JSON here.")
+
+
+def define_flags():
+  """The CLI's flags, defined when run as a script only: the tests import gap_row beside
+  other modules' absl flags of the same names (--data_dir)."""
+  flags.DEFINE_list("checkpoint", None, "Training workdirs (comma-separated).")
+  flags.DEFINE_float("eps", 0.3, "The radius.")
+  flags.DEFINE_integer("num_points", 200, "Seeded test points.")
+  flags.DEFINE_integer("seed", 0, "Seed of the points and of PGD.")
+  flags.DEFINE_integer("batch_size", 50, "Points per bound computation.")
+  flags.DEFINE_bool("domain_box", True, "Intersect the ball with the data box [0, 1].")
+  flags.DEFINE_string("data_dir", None, "Data directory (default $DM_JAX_DATA_DIR).")
+  flags.DEFINE_string("output", None, "Write the rows as JSON here.")
+
 
 COLUMNS = ("clean", "pgd", "fused", "crown_ibp", "ibp")
 
@@ -112,4 +118,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
