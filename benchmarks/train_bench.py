@@ -133,6 +133,7 @@ def targets(rows, arch):
   ratio("dm", "ibp", 1.2, "DM / IBP")
   ratio("ibp", "normal", 2.5, "IBP / normal")
   ratio("crown_ibp", "normal", 10, "CROWN-IBP / normal")
+  ratio("crown_ibp[loss_fusion=true]", "normal", 10, "CROWN-IBP with loss fusion / normal")
   if arch == "small_s2" and "normal" in ms:
     b = [r for r in rows if r["method"] == "normal"][0]["batch"]
     if b == 100:
