@@ -182,6 +182,7 @@ def build_config(defaults: DatasetDefaults):
     raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(sorted(_REGISTRY))}")
   # What a flag sets in the TrainConfig is validated once, by TrainConfig.validate
   # (below); the checks here are the flags' own.
+  eps_grid(defaults)  # a bad --eps_grid fails before training (and in reproduce --check)
   eps = defaults.eps if FLAGS.eps is None else parse_number(FLAGS.eps, "eps")
   epochs = defaults.epochs if FLAGS.epochs is None else FLAGS.epochs
   batch_size = defaults.batch_size if FLAGS.batch_size is None else FLAGS.batch_size

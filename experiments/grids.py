@@ -25,9 +25,13 @@ class Grid:
 
 
 def parse_number(text: str, what: str) -> float:
-  """'0.3', '8/255' -> float; ValueError naming the flag otherwise."""
+  """'0.3', '8/255', '0.5/255' -> float; ValueError naming the flag otherwise. A ratio
+  is computed exactly and rounded once (Fraction alone takes no decimal numerator)."""
   try:
-    return float(Fraction(text.strip())) if "/" in text else float(text)
+    if "/" in text:
+      num, den = text.split("/")  # more than one '/' is a ValueError here
+      return float(Fraction(num.strip()) / Fraction(den.strip()))
+    return float(text)
   except (ValueError, ZeroDivisionError):
     raise ValueError(f"--{what} must be a number (e.g. 0.3 or 8/255); got {text!r}") from None
 

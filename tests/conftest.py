@@ -12,7 +12,9 @@ The rule, applied here so that a new test needs no marking: the cases generated 
 one test function (``pytest.mark.parametrize``, absl's ``parameterized`` and
 ``chex.variants`` alike) form a group; its first case, the jitted one where a case runs
 both jitted and eagerly, runs by default and the rest are ``sweep``. So the cheapest
-case goes first in a parameter list. (The markers select even a case named on the
+case goes first in a parameter list. Jit = eager is checked once per test in CI: the
+first case's eager twin is ``sweep``, the other cases' eager twins are ``slow`` (the
+jitted path is the one users run; an eager twin costs as much as its case, often more). (The markers select even a case named on the
 command line: run a sweep case with ``pytest -m "not slow" 'tests/test_x.py::test_y[c]'``,
 or any case with ``-m ""``.)
 """
@@ -23,6 +25,7 @@ from typing import Callable, Dict, List
 import pytest
 
 EAGER = "__without_jit"  # the suffix chex.variants gives the eager twin of a case
+JIT = "__with_jit"  # ... and the jitted one
 
 
 def _origin(fn: Callable) -> Callable:
@@ -41,8 +44,11 @@ def pytest_collection_modifyitems(config, items):
       continue
     groups.setdefault(id(_origin(fn)), []).append(item)
   for group in groups.values():
-    for item in sorted(group, key=_order)[1:]:
-      item.add_marker(pytest.mark.slow if _slow_sweep(item) else pytest.mark.sweep)
+    first, *rest = sorted(group, key=_order)
+    first_eager = first.name[:-len(JIT)] + EAGER if first.name.endswith(JIT) else None
+    for item in rest:
+      slow = _slow_sweep(item) or (item.name.endswith(EAGER) and item.name != first_eager)
+      item.add_marker(pytest.mark.slow if slow else pytest.mark.sweep)
 
 
 def _slow_sweep(item: pytest.Item) -> bool:

@@ -128,6 +128,17 @@ def test_bad_flags_exit_with_one_line(tmp_path, module, flag, needle):
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_parse_number_takes_ratios_with_decimal_numerators():
+  from experiments import grids
+  assert grids.parse_number("8/255", "eps") == 8 / 255
+  assert grids.parse_number(" 0.5 / 255", "eps_grid") == 0.5 / 255  # CIFAR's grid
+  assert grids.parse_number("0.3", "eps") == 0.3
+  assert grids.parse_grid("0,0.5/255,2/255", "eps_grid").eps == (0.0, 0.5 / 255, 2 / 255)
+  for bad in ("1/0", "a/2", "1/2/3", "", "0.5/x"):
+    with pytest.raises(ValueError, match="--eps must be a number"):
+      grids.parse_number(bad, "eps")
+
+
 def test_missing_data_exits_with_one_line(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()

@@ -15,11 +15,16 @@ SETS = [("linf", 0.03, None, None), ("linf", 0.05, None, (0.0, 1.0)), ("l2", 0.3
         ("l1", 0.6, None, None), ("l0", None, 2, None)]
 
 
+# Every input set and every architecture once each (the diagonal) in CI's sweep; the
+# rest of the product, and the fastlin and zero relaxations, in the slow tier.
+PRODUCT = [pytest.param(*s, *c, marks=() if i == j else pytest.mark.slow)
+           for i, s in enumerate(SETS) for j, c in enumerate(CASES)]
+
+
 @pytest.mark.parametrize("method", [
     "crown", pytest.param("fastlin", marks=pytest.mark.slow),
     pytest.param("zero", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("arch,shape", CASES)
-@pytest.mark.parametrize("norm,eps,k,domain", SETS)
+@pytest.mark.parametrize("norm,eps,k,domain,arch,shape", PRODUCT)
 def test_patch_form_equals_dense(norm, eps, k, domain, arch, shape, method):
   model = get_model(arch, 5)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2,) + shape)

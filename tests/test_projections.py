@@ -19,6 +19,10 @@ from dm_jax.core.input_sets import make_input_set
 from dm_jax.train.methods import Hyper, get_method
 
 
+# The random-projection estimates are checked on the MLP by default; the conv networks'
+# cases (tens of seconds each, the same estimator) are in the slow tier.
+SLOW_SWEEPS = ("test_estimates_match_exact_fastlin",)
+
 def _setup(arch, shape, n=3, seed=0):
   model = get_model(arch, 10)
   kx, ky = jax.random.split(jax.random.PRNGKey(seed))
