@@ -55,6 +55,16 @@ def read_metrics(workdir: Path) -> List[Dict]:
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+# An epoch this many times slower than the run's median epoch was suspended (SIGSTOP
+# while a benchmark or CI had the cores, or a laptop asleep): it counts as the median.
+PAUSED_EPOCH_FACTOR = 5.0
+
+
 def train_seconds(records: Sequence[Dict]) -> float:
-  """Training wall time over all (resumed) invocations: the epochs' own wall times."""
-  return sum(r.get("epoch_time_s", 0.0) for r in records)
+  """Training wall time over all (resumed) invocations: the epochs' own wall times, an
+  epoch over :data:`PAUSED_EPOCH_FACTOR` times the median counted at the median."""
+  times = [r.get("epoch_time_s", 0.0) for r in records]
+  if len(times) < 3:
+    return sum(times)
+  median = sorted(times)[len(times) // 2]
+  return sum(median if t > PAUSED_EPOCH_FACTOR * median else t for t in times)

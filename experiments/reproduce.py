@@ -1024,7 +1024,10 @@ def render(names: Sequence[str], budget: str) -> Path:
            "Training times are wall times on the machine named under each table, whose "
            "cores may have been shared with other work (the load at each cell's end is "
            "in its JSON): read them as upper bounds, and compare step costs in the cost "
-           "table, which is measured on a quiet machine.",
+           "table, which is measured on a quiet machine. An epoch over 5x the run's "
+           "median epoch was a suspended run (paused while a benchmark or CI had the "
+           "cores) and counts at the median (`experiments.cli.train_seconds`; the raw "
+           "sum, where it differs, is the JSON's `train_time_raw_s`).",
            ""]
   for name in names:
     lines += render_table(TABLES[name], budget, report)

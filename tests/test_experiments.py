@@ -139,6 +139,15 @@ def test_parse_number_takes_ratios_with_decimal_numerators():
       grids.parse_number(bad, "eps")
 
 
+def test_train_seconds_counts_a_suspended_epoch_at_the_median():
+  from experiments import cli
+  records = [{"epoch_time_s": t} for t in (10.0, 9.0, 11.0, 2294.0, 10.0)]
+  assert cli.train_seconds(records) == 50.0  # the 2294 s epoch was SIGSTOPped
+  ramp = [{"epoch_time_s": t} for t in (10.0, 20.0, 40.0, 45.0)]  # under 5x: kept
+  assert cli.train_seconds(ramp) == 115.0
+  assert cli.train_seconds([{"epoch_time_s": 3.0}, {}]) == 3.0
+
+
 def test_missing_data_exits_with_one_line(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
