@@ -60,6 +60,11 @@ def read_metrics(workdir: Path) -> List[Dict]:
 PAUSED_EPOCH_FACTOR = 5.0
 
 
+def raw_train_seconds(records: Sequence[Dict]) -> float:
+  """The sum of the epochs' own wall times, suspended epochs included."""
+  return sum(r.get("epoch_time_s", 0.0) for r in records)
+
+
 def train_seconds(records: Sequence[Dict]) -> float:
   """Training wall time over all (resumed) invocations: the epochs' own wall times, an
   epoch over :data:`PAUSED_EPOCH_FACTOR` times the median counted at the median."""

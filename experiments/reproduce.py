@@ -672,15 +672,17 @@ def collect_cell(table: Table, cell: Cell, budget: str, argv: Sequence[str],
     produced = workdir / "train_bench.json"
   if not produced.exists():
     raise RuntimeError(f"cell {table.name}/{cell.name} finished without writing {produced}")
+  records = cli.read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else None
   out = {"table": table.name, "cell": cell.name, "label": cell.label, "kind": cell.kind,
          "budget": budget,
          "epochs": int(_flag_value(argv, "epochs")) if cell.kind == "train" else None,
          "eps_train": _flag_value(argv, "eps") if cell.kind == "train" else None, "command": " ".join(["python"] + list(argv[1:])),
          "source": cell.source,
-         "train_time_s": (cli.train_seconds(cli.read_metrics(workdir))
-                          if (workdir / "metrics.jsonl").exists() else None),
+         "train_time_s": cli.train_seconds(records) if records is not None else None,
          "driver_wall_s": seconds, "machine": provenance.machine_info(),
          "result": json.loads(produced.read_text())}
+  if records is not None and cli.raw_train_seconds(records) != out["train_time_s"]:
+    out["train_time_raw_s"] = cli.raw_train_seconds(records)  # a suspended epoch
   path = result_path(table, cell, budget)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=1))
@@ -1024,7 +1026,8 @@ def render(names: Sequence[str], budget: str) -> Path:
            "Training times are wall times on the machine named under each table, whose "
            "cores may have been shared with other work (the load at each cell's end is "
            "in its JSON): read them as upper bounds, and compare step costs in the cost "
-           "table, which is measured on a quiet machine. An epoch over 5x the run's "
+           "table, which is measured on a quiet machine. An epoch over "
+           f"{cli.PAUSED_EPOCH_FACTOR:g}x the run's "
            "median epoch was a suspended run (paused while a benchmark or CI had the "
            "cores) and counts at the median (`experiments.cli.train_seconds`; the raw "
            "sum, where it differs, is the JSON's `train_time_raw_s`).",

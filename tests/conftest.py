@@ -14,8 +14,8 @@ one test function (``pytest.mark.parametrize``, absl's ``parameterized`` and
 both jitted and eagerly, runs by default and the rest are ``sweep``. So the cheapest
 case goes first in a parameter list. Jit = eager is checked once per test in CI: the
 first case's eager twin is ``sweep``, the other cases' eager twins are ``slow`` (the
-jitted path is the one users run; an eager twin costs as much as its case, often more). (The markers select even a case named on the
-command line: run a sweep case with ``pytest -m "not slow" 'tests/test_x.py::test_y[c]'``,
+jitted path is the one users run; an eager twin costs as much as its case, often
+more). (The markers select even a case named on the command line: run a sweep case with ``pytest -m "not slow" 'tests/test_x.py::test_y[c]'``,
 or any case with ``-m ""``.)
 """
 from __future__ import annotations

@@ -23,6 +23,7 @@ from dm_jax.train.methods import Hyper, get_method
 # cases (tens of seconds each, the same estimator) are in the slow tier.
 SLOW_SWEEPS = ("test_estimates_match_exact_fastlin",)
 
+
 def _setup(arch, shape, n=3, seed=0):
   model = get_model(arch, 10)
   kx, ky = jax.random.split(jax.random.PRNGKey(seed))

@@ -216,3 +216,21 @@ def test_fast_budget_runs_a_table_and_resumes(tmp_path):
   r = _run(args, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.count(": done (") == 3, r.stdout
+
+
+def test_collected_train_time_counts_a_suspended_epoch_at_the_median(
+    reproduce, tmp_path, monkeypatch):
+  from absl import flags
+  monkeypatch.setattr(flags.FLAGS, "workdir", str(tmp_path))
+  table = reproduce.TABLES["mnist_eps"]
+  cell = table.cells[0]
+  workdir = reproduce.cell_workdir(table, cell, "fast")
+  workdir.mkdir(parents=True)
+  (workdir / "certified.json").write_text(json.dumps({"table": {}}))
+  times = (10.0, 9.0, 2294.0, 11.0, 10.0)  # the third epoch was SIGSTOPped
+  (workdir / "metrics.jsonl").write_text(
+      "".join(json.dumps({"epoch": i + 1, "epoch_time_s": t}) + "\n"
+              for i, t in enumerate(times)))
+  argv = reproduce.cell_argv(table, cell, "fast", workdir)
+  res = json.loads(reproduce.collect_cell(table, cell, "fast", argv, 1.0).read_text())
+  assert res["train_time_s"] == 50.0 and res["train_time_raw_s"] == sum(times)
