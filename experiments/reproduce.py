@@ -813,6 +813,65 @@ def _figure(table: Table, results: Mapping[str, dict], path: Path) -> bool:
   return True
 
 
+def _training_curves(table: Table, budget: str) -> Dict[str, List[dict]]:
+  """Each finished cell's per-epoch records (its ``metrics.jsonl`` copy), whole epochs
+  only: ``{cell name: records}``."""
+  out = {}
+  for cell in table.cells:
+    path = result_path(table, cell, budget).with_suffix(".metrics.jsonl")
+    if path.exists():
+      records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+      records = [r for r in records if not r.get("partial_epoch")
+                 and "ibp_cert_acc_eps_train" in r]
+      if records:
+        out[cell.name] = records
+  return out
+
+
+def _training_figure(table: Table, results: Mapping[str, dict], budget: str,
+                     path: Path) -> bool:
+  """Per cell against the epoch: IBP-certified accuracy at the training radius on the
+  trainer's fixed evaluation points (left) and clean test accuracy (right), so a reader
+  sees whether more epochs would have helped. False when no cell has a record."""
+  curves = _training_curves(table, budget)
+  curves = {k: v for k, v in curves.items() if k in results}
+  if not curves:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), dpi=110)
+  colours = plt.get_cmap("tab20").colors  # distinct up to 20 cells (Table 2 has 19)
+  for i, (name, records) in enumerate(curves.items()):
+    epochs = [r["epoch"] for r in records]
+    style = dict(label=results[name]["label"], color=colours[(2 * i) % 20 + (2 * i) // 20],
+                 linestyle="-" if i % 2 == 0 else "--")
+    left.plot(epochs, [100 * r["ibp_cert_acc_eps_train"] for r in records], **style)
+    right.plot(epochs, [100 * r["test_acc"] for r in records], **style)
+  left.set_ylabel("IBP-certified at eps_train (%)")
+  right.set_ylabel("clean test accuracy (%)")
+  for ax in (left, right):
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+  right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  fig.suptitle(f"{table.title}: training curves", fontsize=9)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+_TRAINING_FIGURE_NOTE = (
+    "Training curves: per epoch, the IBP-certified accuracy at the training radius on "
+    "the trainer's fixed evaluation points (`eval_cert_points` of the test split, the "
+    "`ibp_cert_acc_eps_train` of each cell's `metrics.jsonl`; IBP alone, so below the "
+    "table's best-of-certifiers figure for networks the linear certifiers serve better) "
+    "and the clean accuracy on the test split. Every schedule here decays the learning "
+    "rate near its end, so a flat end alone does not say more epochs cannot help; the "
+    "rise before the decay does.")
+
+
 _CERTIFIER_NAMES = {"best": "best of all", "fastlin": "CNN-Cert-ReLU", "crown": "CNN-Cert-Ada",
                     "zero": "CNN-Cert-Zero", "ibp": "IBP", "crown_ibp": "CROWN-IBP",
                     "mip": "exact MIP", "pgd": "PGD (upper bound)"}
@@ -859,6 +918,11 @@ def render_table(table: Table, budget: str, report: Path) -> List[str]:
   figure = report.parent / "figures" / f"{table.name}.png"
   if table.name not in ("cost", "regularizers") and _figure(table, results, figure):
     out += ["", f"![{table.title}](figures/{figure.name})"]
+  curves = report.parent / "figures" / f"{table.name}_training.png"
+  if (table.name not in ("cost", "regularizers") and not table.renders
+      and _training_figure(table, results, budget, curves)):
+    out += ["", _TRAINING_FIGURE_NOTE, "",
+            f"![{table.title}: training curves](figures/{curves.name})"]
   return out + [""]
 
 

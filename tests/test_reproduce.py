@@ -120,6 +120,14 @@ def test_render_keeps_ours_and_the_papers_apart(reproduce, tmp_path, monkeypatch
     path = tmp_path / "results" / t.name / f"{cell.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_fake_result(reproduce, t, cell, best, fastlin)))
+  # one cell's training record (a partial epoch among them, left out of the curve)
+  records = [{"epoch": e, "partial_epoch": False, "test_acc": 0.9,
+              "ibp_cert_acc_eps_train": 0.1 * e} for e in (1, 2, 3)]
+  records.insert(1, {"epoch": 1.5, "partial_epoch": True, "test_acc": 0.9,
+                     "ibp_cert_acc_eps_train": 0.99})
+  (tmp_path / "results" / t.name / "dm.metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in records))
+  assert [r["epoch"] for r in reproduce._training_curves(t, "full")["dm"]] == [1, 2, 3]
   report = reproduce.render(["table2_mnist", "certifiers"], "full")
   text = report.read_text()
   assert "Cells finished: 2 of 19" in text and "to do: normal," in text
@@ -129,6 +137,9 @@ def test_render_keeps_ours_and_the_papers_apart(reproduce, tmp_path, monkeypatch
   # the paper's Double Margin row of Table 2 (200 points), only in the paper's table
   assert "66.5%" in papers and "66.5%" not in ours
   assert (tmp_path / "figures" / "table2_mnist.png").stat().st_size > 1000
+  assert (tmp_path / "figures" / "table2_mnist_training.png").stat().st_size > 1000
+  table2 = text.split("## Tables 13-16")[0]
+  assert "figures/table2_mnist_training.png" in table2 and "Training curves:" in table2
   # the certifier comparison re-reads the Table 2 cells
   section = text.split("## Tables 13-16")[1]
   assert "Ours, CNN-Cert-ReLU" in section and "Double Margin (our recipe)" in section
