@@ -331,15 +331,24 @@ class CertifyTest(parameterized.TestCase):
 
   def test_pipeline_verdict(self):
     """A point the plain CROWN bound certifies although its exact minimum margin is
-    -1e-6: the pipeline certifies it only with sound=False."""
-    wrong = 0
-    for p, x, active in self._points(-1e-6):
+    -1e-6: the pipeline certifies it only with sound=False.
+
+    Which of these networks the float32 bound wrongly certifies depends on the CPU's
+    kernels (the first 4 seeds gave at least 1 on an AMD EPYC, 0 on a Xeon; 12 of the first 32 on
+    the Xeon), so the seeds run until one does (at least 4, at most 32); the sound
+    verdict is checked on every one."""
+    wrong, checked = 0, 0
+    for seed in range(700, 732):
+      if wrong and checked >= 4:
+        break
+      p, x, active = stable_net(seed, 6, 300, 1e3, -1e-6, 0.05)
       res = pipeline_lib.verify_points(apply, p, x, jnp.array([0]), 0.05, stages=("crown",))
       self.assertFalse(res.certified[0])
       self.assertLessEqual(res.margin_lower[0], 0.0)
       plain = pipeline_lib.verify_points(apply, p, x, jnp.array([0]), 0.05, stages=("crown",),
                                          sound=False)
       wrong += int(plain.certified[0])
+      checked += 1
     self.assertGreater(wrong, 0)  # the unsound verdict the sound mode prevents
     # A point the sound mode confirms: its margin_lower is the sound bound.
     p, x, active = stable_net(700, 6, 300, 1.0, 0.0, 0.05)

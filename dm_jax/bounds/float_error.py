@@ -11,10 +11,19 @@ steps, bounds of the form ``<|A_n|, X_n>`` with ``X_n >= 0`` *independent of the
   most ``gamma(n_T) |L|^T |A_o|`` (``n_T`` terms per element, ``rounding.terms``), which
   against ``|z_i| <= m_i`` costs ``<|A_o|, gamma(n_T) |L| m_i>``; the bias term
   ``<A_o, b>`` (a sum over the node) costs ``gamma(size) <|A_o|, |b|>``;
-* a ReLU step: its float relaxation lines are off the exact ones by
-  ``delta = 8u (max(|l|, |u|) + |c|)`` at most (the gap to a convex function is largest
-  at the end points; the lower line ``alpha x``, ``alpha`` in [0, 1], is exact), the
-  product ``A_o * slope`` by ``u |A_i|``, the intercept sum as a bias;
+* a ReLU step ``max(z, c)``: its float relaxation lines are off the exact ones by
+  ``delta = 8u max(|l|, |u|) + 16u |c|`` at most (the gap to a convex function is
+  largest at the end points; the lower line ``alpha x``, ``alpha`` in [0, 1], is exact),
+  the product ``A_o * slope`` by ``u |A_i|``, the intercept sum as a bias. With
+  ``M = max(|l|, |u|)``, ``C = |c|``, to first order in ``u``: the shifted interval
+  ``fl(l - c), fl(u - c)`` moves each end by ``u (M + C)``, which the chord's
+  extension violates by at most that; the slope ``fl(uc / fl(uc - lc))`` errs by
+  ``2u`` relative against ``|z - lc| <= 2 (M + C)``; the intercept ``fl(-slope lc)``
+  by ``u (M + C)``: ``6u (M + C)`` for the line of ``relu(z - c)``. Shifting it back,
+  ``fl(fl(b + c) - fl(slope c))``, adds ``u (M + 2C) + u C + u (M + 3C)``: in all
+  ``8u M + 12u C`` (``6u M`` for a plain ReLU, whose shift is skipped), rounded up to
+  the constants above (a second review, twelfth session, found the earlier
+  ``8u (M + C)`` short by ``4u C`` where ``c != 0``);
 * max pooling: its relaxation is exact; the window scatter sums ``K`` terms;
 * accumulations (a node read by several equations, the running offset, the final
   concretisation at the input or at the stop nodes): ``gamma`` of their lengths.
@@ -189,7 +198,7 @@ def error_radius(tape: Tape, target: int, bounds: Dict[int, Tuple],
       _, _, _, up_b = relaxations.relu_relaxation(l, up, e.relu_const, "crown")
       c = relaxations.relu_constant(e.relu_const, l)
       cabs = 0.0 if c is None else jnp.abs(c)
-      delta = 8 * u * (jnp.maximum(jnp.abs(l), jnp.abs(up)) + cabs) + rounding.FLOOR
+      delta = 8 * u * jnp.maximum(jnp.abs(l), jnp.abs(up)) + 16 * u * cabs + rounding.FLOOR
       rel = rounding.gamma(_size(l) + 2, dtype) + offset_rel
       f = ((1 + 4 * u) * F[i] + delta + 2 * u * magnitude(tape, i)
            + rel * (jnp.abs(up_b) + 2 * cabs))
