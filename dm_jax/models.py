@@ -6,9 +6,11 @@ initialised N(0, 1/fan_in), biases 0 (SPEC.md, "Training setup").
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+import math
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 
 from dm_jax.core import conv as conv_lib
 
@@ -115,6 +117,52 @@ def large(num_classes: int = 10, **kw: Any) -> nn.Module:
 def mlp(num_classes: int = 10, hidden: Sequence[int] = (64, 64), **kw: Any) -> nn.Module:
   """A plain MLP (not in the paper; handy for tests and exact MIP checks)."""
   return ConvStack((), tuple(hidden), num_classes, **kw)
+
+
+INITIALIZATIONS = ("default", "ibp")  # TrainConfig.init: the weights a run starts from
+
+
+def _layer_groups(tree: Any, path: Tuple[str, ...] = ()):
+  """Yields ``(path, layers)`` for every dict of the params tree whose values include
+  layers (dicts holding a ``kernel``), the layers in creation order (flax's dicts keep
+  it): one group per model, one per ensemble member."""
+  if not isinstance(tree, dict):
+    return
+  layers = [k for k, v in tree.items() if isinstance(v, dict) and "kernel" in v]
+  if layers:
+    yield path, layers
+  for k, v in tree.items():
+    if isinstance(v, dict) and "kernel" not in v:
+      yield from _layer_groups(v, path + (k,))
+
+
+def ibp_initialization(params: Dict[str, Any], key: jax.Array) -> Dict[str, Any]:
+  """Shi et al. (2021, "Fast certified robust training with short warmup")'s IBP
+  initialisation: every kernel but each model's output layer redrawn from
+  ``N(0, 2 pi / fan_in^2)`` (``fan_in``: the kernel's size over its last axis), so that an
+  interval's width keeps its expected size from layer to layer at initialisation: a
+  width ``r`` leaves ``|W| r`` with mean ``fan_in sigma sqrt(2 / pi) r``, and about half
+  of it passes the ReLU, so ``sigma = sqrt(2 pi) / fan_in`` keeps it (the default
+  ``N(0, 1 / fan_in)`` grows it by about ``sqrt(fan_in / (2 pi))`` per layer). Biases
+  and the output layer keep their values. Their halving of the layers after a residual
+  addition is not applied. Returns a new tree; ``params`` is not modified.
+  """
+  out = jax.tree_util.tree_map(lambda a: a, params)  # a structural copy
+  groups = list(_layer_groups(out))
+  if not groups:
+    raise ValueError("ibp_initialization found no layer with a 'kernel' in the params.")
+  for g, (path, layers) in enumerate(groups):
+    node = out
+    for k in path:
+      node = node[k]
+    for i, name in enumerate(layers[:-1]):
+      kernel = node[name]["kernel"]
+      fan_in = math.prod(kernel.shape[:-1])
+      std = math.sqrt(2 * math.pi) / fan_in
+      sub = jax.random.fold_in(jax.random.fold_in(key, g), i)
+      node[name] = dict(node[name], kernel=std * jax.random.normal(sub, kernel.shape,
+                                                                   kernel.dtype))
+  return out
 
 
 _REGISTRY = {

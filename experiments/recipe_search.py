@@ -93,6 +93,13 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             # accuracy where DM and Variation 2 stopped at 83-87%.
             "dm_s_only_folded_kappa_long": ("--method=dm_s_only", "--lam_form=kappa",
                                             "--dm_loss=folded") + _LONG,
+            # Shi et al. (2021)'s IBP initialisation (dm_jax.models.ibp_initialization)
+            # alone, on the best IBP and DM recipes above.
+            "ibp_folded_long_ibp_init": ("--method=ibp", "--ibp_margin", "--init=ibp")
+                                        + _LONG,
+            "dm_s_only_folded_kappa_long_ibp_init": (
+                "--method=dm_s_only", "--lam_form=kappa", "--dm_loss=folded", "--init=ibp")
+                + _LONG,
         },
     ),
     # GTSRB (pure-conv CNN, 8/255; 25,087 training images, 502 steps of batch 50 per

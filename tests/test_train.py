@@ -396,3 +396,33 @@ def test_proportional_schedule_shape():
   assert schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5).ramp_end == 2400
   with pytest.raises(ValueError, match="shape"):
     schedules.resolve("mnist", 100, eps_final=0.3, lam_final=0.5, shape="nope")
+
+
+def test_ibp_initialization_redraws_all_but_the_output_layer():
+  """Shi et al.'s N(0, 2 pi / fan_in^2) on every kernel but each model's last (members of
+  an ensemble too); biases and output layers untouched; the interval width at the
+  logits far below the default initialisation's."""
+  from dm_jax import interval_bounds, models
+  for ensemble in (1, 2):
+    model = models.get_model("small", ensemble=ensemble)
+    states = {init: train_lib.create_train_state(
+        train_lib.TrainConfig(init=init, ensemble=ensemble), jax.random.PRNGKey(0),
+        (28, 28, 1), model=model) for init in ("default", "ibp")}
+    flat = {init: dict(jax.tree_util.tree_flatten_with_path(s.params)[0])
+            for init, s in states.items()}
+    for path, new in flat["ibp"].items():
+      name = jax.tree_util.keystr(path)
+      old = flat["default"][path]
+      if "kernel" in name and "Dense_1" not in name:  # Dense_1: the output layer
+        fan_in = int(np.prod(new.shape[:-1]))
+        assert abs(float(jnp.std(new)) * fan_in / np.sqrt(2 * np.pi) - 1) < 0.1, name
+        assert abs(float(jnp.mean(new))) < 4 * np.sqrt(2 * np.pi) / fan_in / np.sqrt(new.size)
+      else:
+        np.testing.assert_array_equal(new, old, err_msg=name)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    width = {init: float(jnp.mean(interval_bounds(model.apply, s.params, x, 0.1).upper
+                                  - interval_bounds(model.apply, s.params, x, 0.1).lower))
+             for init, s in states.items()}
+    assert width["ibp"] < width["default"] / 30, width
+  with pytest.raises(ValueError, match="init must be one of default, ibp"):
+    train_lib.TrainConfig(init="he").validate()

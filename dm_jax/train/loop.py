@@ -48,6 +48,7 @@ import optax
 from dm_jax import data as data_lib
 from dm_jax.train import schedules
 from dm_jax.train.methods.penalties import apply_masks, no_masks, prune_small_weights
+from dm_jax import models as models_lib
 from dm_jax.models import get_model
 
 
@@ -82,6 +83,7 @@ class TrainConfig:
   checkpoint_every_steps: int = 1000
   max_to_keep: int = 3
   grad_clip: float = 0.0                             # 0: no clipping
+  init: str = "default"                              # models.INITIALIZATIONS
   ensemble: int = 1
   num_devices: Optional[int] = None                  # data-parallel devices (None: all)
   num_classes: Optional[int] = None                  # None: from the dataset
@@ -121,6 +123,9 @@ class TrainConfig:
       raise ValueError(f"grad_clip must be >= 0; got {self.grad_clip!r}.")
     if self.ensemble < 1:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
+    if self.init not in models_lib.INITIALIZATIONS:
+      raise ValueError(f"init must be one of {', '.join(models_lib.INITIALIZATIONS)}; "
+                       f"got {self.init!r}.")
     if self.num_devices is not None and (isinstance(self.num_devices, bool) or
                                          not isinstance(self.num_devices, int)
                                          or self.num_devices < 1):
@@ -216,7 +221,8 @@ def make_optimizer(config: TrainConfig,
 def create_train_state(config: TrainConfig, key: jax.Array, input_shape: Tuple[int, ...], *,
                        model: Any = None, tx: Optional[optax.GradientTransformation] = None,
                        num_classes: Optional[int] = None) -> TrainState:
-  """Initialises params (N(0, 1/fan_in)), the optimizer state, step 0 and the key."""
+  """Initialises params (N(0, 1/fan_in); ``config.init="ibp"``: Shi et al.'s, see
+  :func:`dm_jax.models.ibp_initialization`), the optimizer state, step 0 and the key."""
   if model is None:
     model = get_model(config.arch, num_classes=num_classes or config.num_classes or 10,
                       ensemble=config.ensemble)
@@ -230,6 +236,8 @@ def create_train_state(config: TrainConfig, key: jax.Array, input_shape: Tuple[i
   init_key, state_key = jax.random.split(key)
   params = model.init(init_key, jnp.zeros((1,) + tuple(input_shape), jnp.float32))
   params = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(params))
+  if config.init == "ibp":
+    params = models_lib.ibp_initialization(params, jax.random.fold_in(init_key, 1))
   masks = no_masks(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), key=state_key, masks=masks)
