@@ -216,7 +216,8 @@ def error_radius(tape: Tape, target: int, bounds: Dict[int, Tuple],
   return F[target]
 
 
-def row_error(A: jax.Array, radius: jax.Array, layout=relaxations.DENSE) -> jax.Array:
+def row_error(A: jax.Array, radius: jax.Array,
+              layout: relaxations.Layout = relaxations.DENSE) -> jax.Array:
   """``<|A|, F>`` rounded up, ``A.shape[:lead]``: the error bound of rows ``A`` (in
   ``layout``) whose target has error radius ``F`` (:func:`error_radius`)."""
   n = int(np.prod(A.shape[layout.lead:]))

@@ -18,12 +18,12 @@ outward, and only exact monotone maps (max, min, clamp, max pooling) are allowed
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
-from dm_jax.core import propagation, rounding
+from dm_jax.core import interpreter, propagation, rounding
 from dm_jax.core.input_sets import make_input_set
 
 
@@ -81,18 +81,21 @@ class IntervalDomain(propagation.ForwardDomain):
       return rounding.add_down(c, -r), rounding.add_up(c, r)
     return c - r, c + r
 
-  def valley(self, g, a):
+  def valley(self, g: Callable[[jax.Array], jax.Array],
+             a: propagation.Abstract) -> propagation.Abstract:
     lo, hi = self.value_range(a)
     top = jnp.maximum(g(lo), g(hi))
     bottom = g(jnp.clip(jnp.zeros_like(lo), lo, hi))
     return _from_ends(bottom, top)
 
-  def product(self, a, b):
+  def product(self, a: propagation.Abstract,
+              b: propagation.Abstract) -> propagation.Abstract:
     (la, ua), (lb, ub) = self.value_range(a), self.value_range(b)
     corners = jnp.stack([la * lb, la * ub, ua * lb, ua * ub])
     return _from_ends(jnp.min(corners, axis=0), jnp.max(corners, axis=0))
 
-  def round_affine(self, eqn, invals, out: propagation.Abstract) -> propagation.Abstract:
+  def round_affine(self, eqn: interpreter.Equation, invals: List[Any],
+                   out: propagation.Abstract) -> propagation.Abstract:
     """``out`` with its radius widened by the rounding error of the affine step: the
     centre's ``W c + b`` and the radius' ``|W| r``, each summing ``n`` terms
     (``rounding.terms``), err by at most ``gamma(n) |W| (|c| + r)`` together (one

@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.typing import DTypeLike
 
 from dm_jax.bounds import activations, float_error, patches, relaxations
 from dm_jax.bounds.interval import Bounds, IntervalDomain, no_tighter
@@ -189,10 +190,11 @@ def _shared_affine_backward(entry: Entry, shared: SharedRows, env_const):
   return None
 
 
-def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
+def backward(tape: Tape, target: int, A: Union[jax.Array, SharedRows],
+             bounds: Dict[int, Tuple], method: str,
              stop_nodes: Optional[Dict[int, Tuple]] = None,
              alphas: Optional[Dict[int, jax.Array]] = None,
-             error: Optional[jax.Array] = None):
+             error: Optional[jax.Array] = None) -> jax.Array:
   """Lower bound of ``<A, value(target)>`` over the input set.
 
   Args:
@@ -292,7 +294,7 @@ def backward(tape: Tape, target: int, A, bounds: Dict[int, Tuple], method: str,
   return lower
 
 
-def folded_lower_bounds(tape: Tape, A, sound: bool = False) -> jax.Array:
+def folded_lower_bounds(tape: Tape, A: jax.Array, sound: bool = False) -> jax.Array:
   """Lower bound of ``<A, output>`` with the specification folded into the affine
   equations after the last nonlinearities, whose outputs take their range in the tape's
   domain (IBP's tighter margins, Gowal et al.; the same for Double Margin's ranges).
@@ -599,7 +601,7 @@ def _linear_part(entry: Entry, node_values: Dict[int, Any]):
   return eqn.primitive.bind(*args, **eqn.params)
 
 
-def cauchy_scale(samples, axis):
+def cauchy_scale(samples: jax.Array, axis: int) -> jax.Array:
   """Estimate of ``gamma`` from i.i.d. Cauchy(0, gamma) samples along ``axis``.
 
   The bias-corrected geometric mean ``cos(pi / (2k))^k prod_j |x_j|^(1/k)`` (Li, 2008,
@@ -612,7 +614,8 @@ def cauchy_scale(samples, axis):
   return math.cos(math.pi / (2 * k)) ** k * jnp.exp(jnp.mean(log_abs, axis=axis))
 
 
-def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict[int, Tuple]:
+def projected_intermediate_bounds(tape: Tape, num_projections: int,
+                                  key: jax.Array) -> Dict[int, Tuple]:
   """Estimates of the Fast-Lin intermediate bounds by random Cauchy projections.
 
   Wong, Schmidt, Metzen & Kolter, "Scaling provable adversarial defenses" (NeurIPS
@@ -688,7 +691,7 @@ def projected_intermediate_bounds(tape: Tape, num_projections: int, key) -> Dict
 
 # ------------------------------------------------------------------------ public
 
-def margin_spec(y, num_classes: int, dtype=jnp.float32):
+def margin_spec(y: jax.Array, num_classes: int, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """Rows ``e_y - e_j`` for every class j: (B, K, K); row y is zero."""
   eye = jnp.eye(num_classes, dtype=dtype)
   return eye[y][:, None, :] - eye[None, :, :]

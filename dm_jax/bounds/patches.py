@@ -21,7 +21,7 @@ float rounding).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,10 @@ import numpy as np
 from jax import lax
 
 from dm_jax.bounds import activations, float_error, relaxations
-from dm_jax.bounds.tape import NodeRef, node_shape, nominal_of
+from dm_jax.bounds.tape import NodeRef, Tape, node_shape, nominal_of
 from dm_jax.core import primitives
 from dm_jax.core.conv import conv_input_transpose, is_nhwc_conv
+from dm_jax.core.input_sets import InputSet
 
 _ELEMENTWISE_CONST = primitives.names(patch=primitives.PATCH_ELEMENTWISE)
 _PASS_THROUGH = primitives.names(patch=primitives.PATCH_PASS)
@@ -50,7 +51,8 @@ class Patch:
   P: Tuple[int, int]
 
 
-def windows(t, K, S, P, out_hw):
+def windows(t: jax.Array, K: Tuple[int, int], S: Tuple[int, int], P: Tuple[int, int],
+            out_hw: Sequence[int]) -> jax.Array:
   """Windows of a (B, Hm, Wm, C) map: (B, H, W, Kh, Kw, C), zero outside the map."""
   H, W = out_hw
   pads = [(0, 0, 0)]
@@ -72,7 +74,7 @@ def windows(t, K, S, P, out_hw):
 
 
 
-def supported(tape, target) -> bool:
+def supported(tape: Tape, target: int) -> bool:
   """Whether every equation between the input and ``target`` has a patch rule."""
   shapes = {i: node_shape(tape, i) for i in range(len(tape.values))}
   if len(shapes[target]) != 4 or len(shapes[0]) != 4:
@@ -173,7 +175,10 @@ def _layout(patch: Patch, out_hw) -> relaxations.Layout:
                             dot=lambda A, t: _win_sum(A, win(t)), lead=4)
 
 
-def backward_patches(tape, target, A0: Patch, bounds, method, alphas=None, error=None):
+def backward_patches(tape: Tape, target: int, A0: Patch,
+                     bounds: Mapping[int, Tuple[jax.Array, jax.Array]], method: str,
+                     alphas: Optional[Mapping[int, jax.Array]] = None,
+                     error: Optional[jax.Array] = None) -> jax.Array:
   """Lower bounds (B, H, W, R) of the rows in ``A0`` (patch form), like
   dm_jax.bounds.linear's dense ``backward``, with the same steps
   (:mod:`dm_jax.bounds.relaxations`) over the windowed layout. ``alphas``: optional
@@ -267,7 +272,8 @@ def _maxpool_back(patch: Patch, eqn, pre_bounds, layout: relaxations.Layout):
   return Patch(out, K, S, P), extra
 
 
-def concretize(patch: Patch, out_hw, iset, outward: bool = False):
+def concretize(patch: Patch, out_hw: Sequence[int], iset: InputSet,
+               outward: bool = False) -> jax.Array:
   """min over the input set of the windowed linear functions: (B, H, W, R)
   (``outward``: the l-inf box rounded outward, the sound mode)."""
   layout = _layout(patch, out_hw)
@@ -277,8 +283,10 @@ def concretize(patch: Patch, out_hw, iset, outward: bool = False):
   return relaxations.concretize_input(A, iset, layout, outward)
 
 
-def identity_bounds(tape, target, bounds, method, chunk_bytes: int, alphas=None,
-                    error=None):
+def identity_bounds(tape: Tape, target: int, bounds: Mapping[int, Tuple[jax.Array, jax.Array]],
+                    method: str, chunk_bytes: int,
+                    alphas: Optional[Mapping[int, jax.Array]] = None,
+                    error: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
   """(l, u) of every element of the NHWC node ``target`` in patch form (``alphas`` and
   ``error`` as in :func:`backward_patches`, shared by the node's rows)."""
   ref = nominal_of(tape, target)

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
+from dm_jax.bounds import activations
+from dm_jax.core import interpreter
 from dm_jax.core.errors import UnsupportedPrimitiveError
 from dm_jax.core.input_sets import InputSet, max_decrease
 
 
-def is_zero(c) -> bool:
+def is_zero(c: ArrayLike) -> bool:
   """Whether ``c`` is a known (not traced) all-zero constant."""
   if isinstance(c, jax.core.Tracer):
     return False
@@ -34,7 +37,7 @@ def is_zero(c) -> bool:
   return c.size > 0 and bool(np.all(c == 0))
 
 
-def relu_constant(const, like):
+def relu_constant(const: ArrayLike, like: jax.Array) -> Optional[jax.Array]:
   """The constant c of a ReLU-like ``max(x, c)`` broadcast to ``like``'s shape, or None
   when it is a known zero (plain ReLU: the intercept terms then vanish and are skipped,
   which under grad also saves passes that multiply cotangents by the zero)."""
@@ -43,7 +46,9 @@ def relu_constant(const, like):
   return jnp.broadcast_to(jnp.asarray(const, like.dtype), like.shape)
 
 
-def relu_relaxation(l, u, const, method, alpha=None):
+def relu_relaxation(l: jax.Array, u: jax.Array, const: ArrayLike, method: str,
+                    alpha: Optional[ArrayLike] = None
+                    ) -> Tuple[jax.Array, Optional[jax.Array], jax.Array, jax.Array]:
   """Slopes/intercepts of ``y = max(x, c)``: ``lo_s x + lo_b <= y <= up_s x + up_b``.
 
   ``const`` is the ReLU's c as recorded; for a known zero ``lo_b`` is None (it is 0).
@@ -85,14 +90,14 @@ def _relu_relaxation_at_zero(lc, uc, method, alpha=None):
   return lower, slope, up_b_rel
 
 
-def initial_alpha(l, u, const):
+def initial_alpha(l: jax.Array, u: jax.Array, const: ArrayLike) -> jax.Array:
   """alpha-CROWN's starting lower slopes (B, *S) of ``max(x, c)`` on ``[l, u]``: CROWN's
   adaptive choice (1 where ``u - c >= c - l``, else 0; the exact slope where stable), so
   that the first iterate is CROWN's bound."""
   return relu_relaxation(l, u, const, "crown")[0]
 
 
-def window_slices(eqn, t, fill):
+def window_slices(eqn: interpreter.Equation, t: jax.Array, fill: float) -> List[jax.Array]:
   """The K elements of every pooling window of ``t``: list of arrays of the out shape."""
   p = eqn.params
   if any(d != 1 for d in p["base_dilation"]) or any(d != 1 for d in p["window_dilation"]):
@@ -107,7 +112,8 @@ def window_slices(eqn, t, fill):
   return slices
 
 
-def maxpool_relaxation(eqn, l, u):
+def maxpool_relaxation(eqn: interpreter.Equation, l: jax.Array,
+                       u: jax.Array) -> Tuple[List[jax.Array], jax.Array, jax.Array]:
   """DeepPoly's relaxation of max pooling over bounds (l, u) of its input.
 
   Returns (onehots, dominated, max_up): per window offset, whether it holds the element
@@ -153,7 +159,8 @@ def _dense_dot(A, t):
 DENSE = Layout(lift=lambda t: t[:, None], dot=_dense_dot, lead=2)
 
 
-def relu_step(A, l, u, const, method: str, layout: Layout, alpha=None):
+def relu_step(A: jax.Array, l: jax.Array, u: jax.Array, const: ArrayLike, method: str,
+              layout: Layout, alpha: Optional[ArrayLike] = None) -> Tuple[jax.Array, jax.Array]:
   """Backward step through ``y = max(x, c)`` with pre-activation bounds ``[l, u]``.
 
   Returns ``(A_x, offset)``: the coefficients of x (``A``'s layout) and the bound's
@@ -179,7 +186,8 @@ def _times(A, b):
   return jnp.where(A == 0, jnp.zeros((), A.dtype), A * b)
 
 
-def activation_step(A, lines, layout: Layout):
+def activation_step(A: jax.Array, lines: activations.Lines,
+                    layout: Layout) -> Tuple[jax.Array, jax.Array]:
   """Backward step through an element-wise ``y = g(x)`` with per-neuron lines
   ``lines`` (:class:`dm_jax.bounds.activations.Lines`, each (B, *S)).
 
@@ -193,7 +201,8 @@ def activation_step(A, lines, layout: Layout):
   return A_x, layout.sum(picked_b)
 
 
-def product_step(A, planes, layout: Layout):
+def product_step(A: jax.Array, planes: activations.Planes,
+                 layout: Layout) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Backward step through ``z = x * y`` with per-neuron planes
   (:class:`dm_jax.bounds.activations.Planes`, each (B, *S)).
 
@@ -208,7 +217,8 @@ def product_step(A, planes, layout: Layout):
   return A_x, A_y, layout.sum(_times(A, pick(planes.c_l, planes.c_u)))
 
 
-def maxpool_weights(A, l, u, eqn, layout: Layout):
+def maxpool_weights(A: jax.Array, l: jax.Array, u: jax.Array, eqn: interpreter.Equation,
+                    layout: Layout) -> Tuple[jax.Array, jax.Array, List[jax.Array]]:
   """The relaxed max pooling applied to ``A`` at the pooling's output.
 
   Returns ``(weights, offset, onehots)``: ``weights`` (``A``'s layout, at the output) go
@@ -223,13 +233,15 @@ def maxpool_weights(A, l, u, eqn, layout: Layout):
   return weights, layout.dot(neg, (1 - dominated) * max_up), onehots
 
 
-def box_minimum(A, lower, upper, layout: Layout):
+def box_minimum(A: jax.Array, lower: jax.Array, upper: jax.Array,
+                layout: Layout) -> jax.Array:
   """``min <A, h>`` over the box ``lower <= h <= upper`` (node tensors (B, *S)):
   ``A.shape[:lead]``."""
   return layout.dot(jnp.maximum(A, 0), lower) + layout.dot(jnp.minimum(A, 0), upper)
 
 
-def concretize_input(A, iset: InputSet, layout: Layout, outward: bool = False):
+def concretize_input(A: jax.Array, iset: InputSet, layout: Layout,
+                     outward: bool = False) -> jax.Array:
   """``min <A, x'>`` over the input set (``A.shape[:lead]``), in closed form: the box
   for l-inf (with the data box), else ``<A, x> - max_decrease`` (dual norm, top-k).
   ``outward``: the l-inf box rounded outward (:meth:`InputSet.box`; the sound mode)."""

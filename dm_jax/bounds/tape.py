@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import chex
 import jax
 import numpy as np
 
@@ -123,7 +124,7 @@ def _nominal(value):
   return value.value if isinstance(value, InputAffine) else value.centres[0]
 
 
-def record_tape(apply_fn, params, iset: InputSet,
+def record_tape(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree, iset: InputSet,
                 domain: Optional[propagation.ForwardDomain] = None) -> Tape:
   """Forward pass over the model in ``domain`` (default: intervals, which every sound
   bound here needs) that records every input-dependent equation."""

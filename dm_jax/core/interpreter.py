@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 from jax.extend import core as jex_core
+from jax.typing import ArrayLike
 
 from dm_jax.core import primitives
 
@@ -89,7 +90,7 @@ def _reference_body(name: str, avals: Tuple[Tuple[Tuple[int, ...], str, bool], .
   return "" if body is None else str(body)
 
 
-def composite_of(eqn) -> Optional[str]:
+def composite_of(eqn: jex_core.JaxprEqn) -> Optional[str]:
   """The name of the composite (:data:`primitives.COMPOSITES`) that a call equation is:
   its body, printed, is the reference function's traced on the same operand types.
   None for any other equation."""
@@ -114,7 +115,7 @@ class CompositePrimitive:
   name: str
   multiple_results = False
 
-  def bind(self, *args, **params):
+  def bind(self, *args: ArrayLike, **params: Any) -> jax.Array:
     del params
     return primitives.COMPOSITES[self.name](*args)
 
@@ -128,6 +129,10 @@ class CompositeEqn:
   outvars: List[Any]
   params: Any = dataclasses.field(default_factory=dict)
   effects: Any = frozenset()
+
+
+# An equation as a domain's rule receives it: a jaxpr equation, or a recognised composite.
+Equation = Union[jex_core.JaxprEqn, CompositeEqn]
 
 
 def _split(body):

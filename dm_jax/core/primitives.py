@@ -24,7 +24,8 @@ then see one equation named after it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple,
+                    Union)
 
 import jax.numpy as jnp
 
@@ -252,7 +253,7 @@ def rule(name: str) -> Optional[Rule]:
   return RULES.get(name)
 
 
-def names(**fields) -> FrozenSet[str]:
+def names(**fields: Any) -> FrozenSet[str]:
   """The primitives whose rule has every given field value, e.g. ``names(kind=AFFINE)``."""
   return frozenset(n for n, r in RULES.items()
                    if all(getattr(r, f) == v for f, v in fields.items()))
@@ -278,7 +279,7 @@ def square_rule() -> Rule:
   return RULES["square"]
 
 
-def operands_allowed(r: Rule, idx) -> bool:
+def operands_allowed(r: Rule, idx: Iterable[int]) -> bool:
   """Whether the input-dependent operand positions ``idx`` are allowed by ``r``."""
   idx = list(idx)
   if r.operands == FIRST:

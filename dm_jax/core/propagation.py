@@ -20,8 +20,9 @@ into the exact first layer (:mod:`dm_jax.core.rounding`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,7 @@ class Abstract:
   radii: Tuple[jax.Array, ...]
 
   @property
-  def shape(self):
+  def shape(self) -> Tuple[int, ...]:
     return self.centres[0].shape
 
 
@@ -77,13 +78,14 @@ class ForwardDomain:
   # through round_affine and the symbolic input tracks its rounding.
   sound = False
 
-  def round_affine(self, eqn, invals, out: "Abstract") -> "Abstract":
+  def round_affine(self, eqn: interpreter.Equation, invals: List[Any],
+                   out: "Abstract") -> "Abstract":
     """The affine output ``out`` widened for the step's float rounding (sound
     domains); ``out`` itself by default."""
     del eqn, invals
     return out
 
-  def from_range(self, nominal, down, up) -> Abstract:
+  def from_range(self, nominal: jax.Array, down: jax.Array, up: jax.Array) -> Abstract:
     """The value set ``[nominal - down, nominal + up]`` (element-wise), nominal exact."""
     raise NotImplementedError
 
@@ -139,7 +141,7 @@ def _out_shape(eqn):
   return tuple(eqn.outvars[0].aval.shape)
 
 
-def affine(eqn, invals: List[Any], domain_name: str) -> Abstract:
+def affine(eqn: interpreter.Equation, invals: List[Any], domain_name: str) -> Abstract:
   """Applies an affine primitive to abstract operands (constants elsewhere)."""
   name = eqn.primitive.name
   idx = [i for i, v in enumerate(invals) if isinstance(v, Abstract)]
@@ -218,13 +220,15 @@ def _relu_jvp(primals, tangents):
   return _relu(t), jnp.where(t > 0, dt, jnp.zeros_like(dt))
 
 
-def elementwise_fn(eqn, invals, i: int) -> Callable[[jax.Array], jax.Array]:
+def elementwise_fn(eqn: interpreter.Equation, invals: List[Any],
+                   i: int) -> Callable[[jax.Array], jax.Array]:
   """``t -> eqn(..., t, ...)``: the equation as a function of its operand ``i``, the
   other operands fixed at their (constant) values."""
   return lambda t: _bind(eqn, *invals[:i], t, *invals[i + 1:])
 
 
-def monotone_function(eqn, invals) -> Optional[Tuple[Callable, int, bool]]:
+def monotone_function(eqn: interpreter.Equation,
+                      invals: List[Any]) -> Optional[Tuple[Callable, int, bool]]:
   """If ``eqn`` is non-decreasing in its one abstract operand, returns (g, index, is_relu).
 
   ``is_relu`` marks ``max(x, 0)`` (what ``jax.nn.relu`` lowers to), whose inputs the
@@ -258,7 +262,8 @@ def negate(a: Abstract) -> Abstract:
   return Abstract(tuple(-c for c in a.centres), a.radii)
 
 
-def nonlinear(eqn, invals, domain: ForwardDomain) -> Optional[Abstract]:
+def nonlinear(eqn: interpreter.Equation, invals: List[Any],
+              domain: ForwardDomain) -> Optional[Abstract]:
   """The element-wise nonlinearities that are not non-decreasing, and products: the
   image of the abstract operand(s) in ``domain``, or None where ``eqn`` is none of them.
 
@@ -356,7 +361,8 @@ def _conv_expand(eqn, lhs, rhs):
   return jnp.transpose(prod, perm)
 
 
-def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
+def exact_first_linear(eqn: interpreter.Equation, invals: List[Any], iset: InputSet,
+                       domain: ForwardDomain) -> Optional[Abstract]:
   """Output range of a dot_general/conv on the symbolic input, exact over the set."""
   i = 0 if isinstance(invals[0], InputAffine) else 1
   sym, const = invals[i], invals[1 - i]
@@ -404,7 +410,8 @@ def exact_first_linear(eqn, invals, iset: InputSet, domain: ForwardDomain):
                            widen(topk_sum(up, iset.k), rel))
 
 
-def symbolic_rule(eqn, invals, iset: InputSet, domain: ForwardDomain):
+def symbolic_rule(eqn: interpreter.Equation, invals: List[Any], iset: InputSet,
+                  domain: ForwardDomain) -> Optional[Union[InputAffine, Abstract]]:
   """Propagates an :class:`InputAffine` operand, or returns None to fall back to a box."""
   name = eqn.primitive.name
   idx = [j for j, v in enumerate(invals) if isinstance(v, InputAffine)]
@@ -472,7 +479,7 @@ def box_of_symbolic(sym: InputAffine, iset: InputSet, domain: ForwardDomain) -> 
 
 # ------------------------------------------------------------------------ the driver
 
-def input_value(iset: InputSet, domain: ForwardDomain):
+def input_value(iset: InputSet, domain: ForwardDomain) -> Union[Abstract, InputAffine]:
   """The abstract value of the input set in ``domain``."""
   if iset.norm == "linf":
     lower, upper = iset.box(outward=domain.sound)
@@ -484,8 +491,9 @@ def input_value(iset: InputSet, domain: ForwardDomain):
   return InputAffine(iset.x, scale, iset.x)
 
 
-def propagate(apply_fn, params, iset: InputSet, domain: ForwardDomain,
-              recorder: Optional[Callable] = None):
+def propagate(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree, iset: InputSet,
+              domain: ForwardDomain,
+              recorder: Optional[Callable] = None) -> Tuple[Abstract, List[Abstract]]:
   """Runs ``apply_fn(params, x)`` in ``domain`` over the input set.
 
   Args:

@@ -44,13 +44,14 @@ sound mode instead of being silently unsound.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
-from dm_jax.core import primitives
+from dm_jax.core import interpreter, primitives
 from dm_jax.core.errors import UnsupportedPrimitiveError
 
 # An absolute slack per element and step (a normal float32, far above 2^-126).
@@ -60,12 +61,12 @@ SOUND_DTYPE = jnp.float64
 DOMAIN_NAME = "sound (float-rounding) mode"
 
 
-def unit_roundoff(dtype=jnp.float32) -> float:
+def unit_roundoff(dtype: DTypeLike = jnp.float32) -> float:
   """``u``: half the machine epsilon (2^-24 for float32)."""
   return float(jnp.finfo(dtype).eps) / 2
 
 
-def gamma(n: int, dtype=jnp.float32) -> float:
+def gamma(n: int, dtype: DTypeLike = jnp.float32) -> float:
   """``2 (n + 2) u``: a safe bound (see the module docstring) on the relative error of
   any float sum or dot product of ``n`` terms. ValueError if ``n u`` is too large for
   the bound (n beyond about 2^20 in float32)."""
@@ -95,7 +96,7 @@ def round_up(t: jax.Array) -> jax.Array:
   return t + slack(t)
 
 
-def two_sum(a: jax.Array, b: jax.Array):
+def two_sum(a: jax.Array, b: jax.Array) -> Tuple[jax.Array, jax.Array]:
   """Knuth's error-free TwoSum: ``(s, e)`` with ``s = fl(a + b)`` and ``a + b = s + e``
   exactly (round to nearest, no overflow; XLA does not reassociate float arithmetic)."""
   s = a + b
@@ -115,7 +116,7 @@ def add_up(a: jax.Array, b: jax.Array) -> jax.Array:
   return -add_down(-a, -b)
 
 
-def centre_radius(lo: jax.Array, hi: jax.Array):
+def centre_radius(lo: jax.Array, hi: jax.Array) -> Tuple[jax.Array, jax.Array]:
   """``(c, r)`` with ``[c - r, c + r]`` holding ``[lo, hi]`` in exact arithmetic:
   ``((lo + hi) / 2, (hi - lo) / 2)``, with ``r`` widened by the rounding only where the
   sums were inexact (TwoSum), so exact boxes (``[0, u]`` of a ReLU, ``[0, 0]``) stay
@@ -139,7 +140,7 @@ def _shape(v) -> tuple:
   return tuple(getattr(getattr(v, "aval", v), "shape", np.shape(v)))
 
 
-def terms(eqn, operand: int, transpose: bool = False) -> int:
+def terms(eqn: interpreter.Equation, operand: int, transpose: bool = False) -> int:
   """How many terms one computed element of ``eqn`` sums (forward: the output; with
   ``transpose``: its transpose with respect to input-dependent operand ``operand``, the
   backward pass's step), by the table's ``rounding`` classes: 0 exact, 1 or 2 roundings
@@ -240,7 +241,7 @@ def float64(tree: Any) -> Any:
   return jax.tree_util.tree_map(cast, tree)
 
 
-def check_x64_trace(x) -> None:
+def check_x64_trace(x: jax.Array) -> None:
   """ValueError when ``x`` is traced (under ``jax.jit`` and the like) while 64-bit mode
   is off: the sound mode computes in float64 inside ``jax.enable_x64(True)``, but a
   jitted function is lowered after its tracing returns, outside that context, where
@@ -253,7 +254,7 @@ def check_x64_trace(x) -> None:
                      "float32).")
 
 
-def down_to(t: jax.Array, dtype) -> jax.Array:
+def down_to(t: jax.Array, dtype: DTypeLike) -> jax.Array:
   """The largest ``dtype`` number <= ``t`` (element-wise; ``t`` float64): the conversion
   rounds to nearest, and a result above ``t`` steps one ulp down (so a bound stays
   sound and keeps its sign: ``t <= 0`` gives a result <= 0)."""
@@ -262,6 +263,6 @@ def down_to(t: jax.Array, dtype) -> jax.Array:
                    out)
 
 
-def up_to(t: jax.Array, dtype) -> jax.Array:
+def up_to(t: jax.Array, dtype: DTypeLike) -> jax.Array:
   """The mirror of :func:`down_to`: the smallest ``dtype`` number >= ``t``."""
   return -down_to(-t, dtype)

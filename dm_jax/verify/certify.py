@@ -21,11 +21,13 @@ union stays sound; they are computed only on the points no row certified).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dm_jax import sharding
@@ -129,7 +131,7 @@ def _check_xy(x, y):
 PIPELINE_OPTIONS = ("stages", "pgd", "mip_options", "certifiable", "sound")
 
 
-def check_eps(eps, n: int) -> np.ndarray:
+def check_eps(eps: Optional[chex.Numeric], n: int) -> np.ndarray:
   """A scalar or (N,) radius as an (N,) float32 array; ValueError if it has another
   shape or a negative or non-finite entry (checked here: in a compiled call eps is
   traced and cannot be)."""
@@ -142,11 +144,13 @@ def check_eps(eps, n: int) -> np.ndarray:
   return eps_arr
 
 
-def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown",
-            k: Optional[int] = None, domain=None, batch_size: int = 256,
+def certify(apply_fn: Callable, params: chex.ArrayTree, x: chex.Array, y: chex.Array,
+            eps: Optional[chex.Numeric], norm: str = "linf", *, method: str = "crown",
+            k: Optional[int] = None, domain: Optional[Tuple[float, float]] = None,
+            batch_size: int = 256,
             chunk_bytes: int = linear.DEFAULT_CHUNK_BYTES, progress: bool = False,
             mip_time_limit: float = 60.0, pipeline: Optional[Dict] = None,
-            mesh=None, alpha: Optional[linear.AlphaConfig] = None,
+            mesh: Optional[Mesh] = None, alpha: Optional[linear.AlphaConfig] = None,
             sound: bool = False) -> Tuple[np.ndarray, np.ndarray]:
   """Certifies N points at radius ``eps`` (scalar or (N,) per point).
 
@@ -250,18 +254,21 @@ def certify(apply_fn: Callable, params, x, y, eps, norm="linf", *, method="crown
   return np.concatenate(certified), np.concatenate(lowers)
 
 
-def certified_accuracy(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *,
-                       method="crown", **kw) -> np.ndarray:
+def certified_accuracy(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree,
+                       x: chex.Array, y: chex.Array,
+                       eps_grid: Sequence[float], norm: str = "linf", *,
+                       method: str = "crown", **kw) -> np.ndarray:
   """Share of the N points certified at each eps of the grid: (len(eps_grid),)."""
   return np.array([certify(apply_fn, params, x, y, e, norm, method=method, **kw)[0].mean()
                    for e in eps_grid])
 
 
-def certified_accuracy_table(apply_fn, params, x, y, eps_grid: Sequence[float],
-                             methods: Sequence[str] = ("fastlin", "ibp"), norm="linf", *,
+def certified_accuracy_table(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree,
+                             x: chex.Array, y: chex.Array, eps_grid: Sequence[float],
+                             methods: Sequence[str] = ("fastlin", "ibp"), norm: str = "linf", *,
                              progress: bool = True, pgd: Optional[Dict] = None,
                              monotone: bool = True, best_intersect: bool = True,
-                             pipeline: Optional[Dict] = None, **kw) -> Dict:
+                             pipeline: Optional[Dict] = None, **kw: Any) -> Dict:
   """Paper-style table: certified accuracy per certifier and eps, plus the "best" row.
 
   Args:
@@ -445,9 +452,11 @@ def _pipeline_pass(apply_fn, params, x, y, eps_grid, order, norm, monotone, opti
   return out
 
 
-def pgd_robust(apply_fn, params, x, y, eps_grid: Sequence[float], norm="linf", *,
+def pgd_robust(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree,
+               x: chex.Array, y: chex.Array, eps_grid: Sequence[float], norm: str = "linf", *,
                steps: int = 50, restarts: int = 2, step_size: Optional[float] = None,
-               seed: int = 0, domain=None, batch_size: int = 200,
+               seed: int = 0, domain: Optional[Tuple[float, float]] = None,
+               batch_size: int = 200,
                skip: Optional[Sequence[np.ndarray]] = None, chunk: int = 10) -> list:
   """Points PGD does not break, per eps: a list of (N,) bool (the empirical upper bound).
 
@@ -498,9 +507,11 @@ def _compiled_pgd(apply_fn, norm, box):
   return advance, predict
 
 
-def pgd_search(apply_fn, params, x, y, eps, norm="linf", *, steps: int = 50,
-               restarts: int = 2, step_size: Optional[float] = None, seed: int = 0,
-               domain=None, batch_size: int = 200, chunk: int = 10,
+def pgd_search(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree,
+               x: chex.Array, y: chex.Array, eps: chex.Numeric, norm: str = "linf", *,
+               steps: int = 50, restarts: int = 2, step_size: Optional[float] = None,
+               seed: int = 0, domain: Optional[Tuple[float, float]] = None,
+               batch_size: int = 200, chunk: int = 10,
                salt: int = 0) -> Tuple[np.ndarray, np.ndarray]:
   """PGD on every point (the driver of :func:`pgd_robust` and the pipeline's attack).
 
@@ -652,8 +663,10 @@ def plot_table(table: Dict, path: str, title: str = "", eps_scale: float = 1.0,
   plt.close(fig)
 
 
-def certified_radius(apply_fn, params, x, y, norm="linf", *, method="crown",
-                     eps_max: float = 1.0, iterations: int = 12, **kw) -> np.ndarray:
+def certified_radius(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree,
+                     x: chex.Array, y: chex.Array, norm: str = "linf", *,
+                     method: str = "crown", eps_max: float = 1.0, iterations: int = 12,
+                     **kw) -> np.ndarray:
   """Largest certified eps per point by bisection on [0, eps_max] (the CNN-Cert figure).
 
   Certification is monotone in eps for every method here, so bisection is valid.
@@ -674,8 +687,10 @@ def certified_radius(apply_fn, params, x, y, norm="linf", *, method="crown",
   return np.where(ok0, lo, 0.0)
 
 
-def relu_stability(apply_fn, params, x, eps, norm="linf", *, method="ibp", k=None,
-                   domain=None) -> Dict[str, np.ndarray]:
+def relu_stability(apply_fn: Callable[..., jax.Array], params: chex.ArrayTree,
+                   x: jax.Array, eps: chex.Numeric, norm: str = "linf", *,
+                   method: str = "ibp", k: Optional[int] = None,
+                   domain: Optional[Tuple[float, float]] = None) -> Dict[str, np.ndarray]:
   """Counts of stable-active, stable-inactive and unstable ReLUs per layer.
 
   Returns:

@@ -56,6 +56,7 @@ import dataclasses
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -491,7 +492,8 @@ def _solve(builder: _Builder, cons, obj: np.ndarray, const: float, time_limit: f
   return status, lower + const, attained, x
 
 
-def exact_margins(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
+def exact_margins(apply_fn: Callable, params: Any, x: chex.Array, y: chex.Array,
+                  eps: chex.Numeric, norm: str = "linf", *,
                   domain: Optional[Tuple[float, float]] = None, time_limit: float = 60.0,
                   max_binaries: int = 2000, tighten: bool = False,
                   mip_rel_gap: float = 1e-6) -> MipResult:
@@ -593,7 +595,8 @@ def exact_margins(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
                    build_seconds=build_s)
 
 
-def exact_certify(apply_fn: Callable, params: Any, x, y, eps, norm="linf",
+def exact_certify(apply_fn: Callable, params: Any, x: chex.Array, y: chex.Array,
+                  eps: chex.Numeric, norm: str = "linf",
                   **kwargs) -> Tuple[np.ndarray, np.ndarray]:
   """``(certified (B,), margin_lower (B,))``: the exact certificate and the exact (or,
   on timeout, lower-bounded) minimum over ``j != y`` of the margin. Keyword arguments

@@ -40,6 +40,7 @@ import functools
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,8 +175,9 @@ def _margins(apply_fn, params, pts: np.ndarray, y: np.ndarray, batch_size: int):
   return true - other, logits.argmax(-1) != y
 
 
-def verify_points(apply_fn: Callable, params: Any, x, y, eps, norm="linf", *,
-                  k: Optional[int] = None, domain=None,
+def verify_points(apply_fn: Callable, params: Any, x: chex.Array, y: chex.Array,
+                  eps: Optional[chex.Numeric], norm: str = "linf", *,
+                  k: Optional[int] = None, domain: Optional[Tuple[float, float]] = None,
                   stages: Optional[Sequence[str]] = None, pgd: Optional[Dict] = None,
                   mip_time_limit: float = 60.0, mip_options: Optional[Dict] = None,
                   certifiable: Optional[np.ndarray] = None, batch_size: int = 256,
