@@ -63,6 +63,7 @@ def test_bench_entries_build_the_cells_methods(reproduce):
   assert entries["ibp"] == "ibp[ibp_margin=true]"
   assert entries["l1_rs_pruning"] == "relu_stability[l1=2e-5;prune=true]"
   assert entries["bounded"] == "bounded[bounded_projections=50]"
+  assert entries["crown_ibp_fused"] == "crown_ibp[loss_fusion=true]"  # not plain crown_ibp
   for name, entry in entries.items():
     method, kwargs = parse_method(entry)
     assert methods.get_method(method, **kwargs) is not None, name
