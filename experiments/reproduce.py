@@ -406,7 +406,20 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
               ("--arch=small", "--batch_size=100", "--steps=30", "--slow_steps=5"),
               kind="bench"),),
         notes="One train_bench run (every method of Table 2 in one process each, the same "
-              "quiet machine); the measured wall time of every run is in its table."),
+              "quiet machine); the measured wall time of every run is in its table.",
+        discussion=(
+            "What the run shows (twelfth session, Intel Xeon, 2 cores, quiet). Every "
+            "bound-based method costs 1.2-3x a normal step here, against 1.5-3.7x in "
+            "the paper's run times: Double Margin 1.87x (the paper 2.80x), IBP 2.01x "
+            "(3.29x), Variation 1 1.24x (1.47x), Variation 2 3.03x (3.18x). The paper's "
+            "claim that DM trains at about IBP's cost holds (0.93x of IBP's step). "
+            "CROWN-IBP is 19x a normal step, 4.2x with loss fusion (the paper did not "
+            "run CROWN-IBP). The PGD methods (adv, TRADES, Adv+RS) are 21-23x "
+            "(the paper's run times 44-52x), Bounded 227x (151x) and MMR 597x, which "
+            "is why those cells are shortened. The same command a few minutes earlier "
+            "(before the fused CROWN-IBP entry was passed its flag) gave figures within "
+            "22% of these (DM 42.9 against 35.0 ms, normal 18.2 against 18.7): read the "
+            "ratios to about a fifth.")),
 )}
 
 # --------------------------------------------------------------------------- commands
