@@ -371,6 +371,7 @@ class NetworkTest(chex.TestCase):
 
   @parameterized.product(act=("gelu", "tanh", "sigmoid", "softplus", "gelu_exact"),
                          threat=("linf", "linf_box", "l2"))
+  @pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
   def test_mlp_margins_hold_at_sampled_and_pgd_points(self, act, threat):
     """Every margin's lower bound (crown, fastlin, crown_ibp, crown ∩ IBP; label y for
     each y) is below f_y - f_j at sampled, gradient-directed and PGD points of the
@@ -401,6 +402,7 @@ class NetworkTest(chex.TestCase):
   @parameterized.parameters(("gelu", "linf", None), ("tanh", "linf", None),
                             ("gelu", "linf", (0.0, 1.0)), ("sigmoid", "linf", (0.0, 1.0)),
                             ("tanh", "l2", None), ("softplus", "l2", None))
+  @pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
   def test_conv_patches_equal_dense_and_contain_samples(self, act, norm, domain):
     """A small CNN: the windowed (patch) pass equals the dense one; its logit and
     margin bounds hold at sampled and PGD points."""

@@ -180,6 +180,7 @@ class StableNetTest(parameterized.TestCase):
                       (norm, method, case, sound))
       self.assertLessEqual(sound, _margin(p, x, eps, method, False, norm))
 
+  @pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
   def test_intersected_and_logit_bounds(self):
     for case in CASES[:4]:
       seed, d, h, scale = case
@@ -196,6 +197,7 @@ class StableNetTest(parameterized.TestCase):
         self.assertTrue(exact_min_above(p, active, [-t for t in v], x[0], 0.05, "linf",
                                         -b.upper[0, j]))
 
+  @pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
   def test_plain_float32_bound_exceeds_the_exact_minimum(self):
     """The problem the sound mode solves: on these networks the plain float32 CROWN
     bound is above the exact minimum, and certifies a point whose true minimum margin
@@ -220,6 +222,7 @@ def unstable_net(seed: int, d: int, h: int, scale: float):
   return p, f32(rng.uniform(0, 1, (2, d)))
 
 
+@pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
 @pytest.mark.parametrize("scale", [1.0, 1e3, 1e-3])
 def test_unstable_relus_below_exact_margins_at_points(scale):
   """Unstable ReLUs: every sound bound <= the exact margin at every vertex of the box

@@ -173,6 +173,7 @@ class FusedBoundTest(chex.TestCase):
           apply_fn, params, make_input_set(x, 0.1, "linf", None, None), jnp.zeros(4, int))
 
 
+@pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_crown_ibp_method_with_loss_fusion_trains_and_describes_itself():
   model = TinyCNN()
   params = helpers.init_params(model, (6, 6, 1), seed=5)
@@ -192,6 +193,7 @@ def test_crown_ibp_method_with_loss_fusion_trains_and_describes_itself():
     get_method("ibp", loss_fusion=True)
 
 
+@pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_gap_benchmark_row_orders_the_bounds_above_pgd():
   from benchmarks import loss_fusion_gap
   model = TinyCNN()

@@ -133,6 +133,7 @@ def test_tiny_net_with_mip_decides_every_point(norm, eps_list):
   assert "mip" in seen  # the MIP decided something: the test is not vacuous
 
 
+@pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_certify_pipeline_and_table(trained):
   apply_fn, params, x, y = trained
   n = x.shape[0]

@@ -100,6 +100,7 @@ def _result(stdout: str) -> dict:
   return json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:])
 
 
+@pytest.mark.sweep  # heavy (15-40 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_four_devices_train_and_certify_like_one(tmp_path):
   r = subprocess.run([sys.executable, "-c", f"ROOT = {str(ROOT)!r}\n" + _SINGLE_HOST,
                       str(tmp_path)], env=_env(4), capture_output=True, text=True,
