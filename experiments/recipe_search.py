@@ -108,6 +108,10 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "ibp_folded_ramp30_ibp_init": ("--method=ibp", "--ibp_margin", "--init=ibp",
                                            "--eps_schedule=600,3600",
                                            "--lr_boundaries=9000,10800"),
+            # The same for Variation 1, the main job's recipe.
+            "dm_s_only_folded_kappa_ramp30_ibp_init": (
+                "--method=dm_s_only", "--lam_form=kappa", "--dm_loss=folded", "--init=ibp",
+                "--eps_schedule=600,3600", "--lr_boundaries=9000,10800"),
         },
     ),
     # GTSRB (pure-conv CNN, 8/255; 25,087 training images, 502 steps of batch 50 per
