@@ -1005,14 +1005,14 @@ def render_table(table: Table, budget: str, report: Path) -> List[str]:
                         + [_pct(paper_numbers.value(r, c)) for c in cols] for r in members])
   if table.discussion and done:
     out += ["", table.discussion]
-  figure = report.parent / "figures" / f"{table.name}.png"
-  if table.name not in ("cost", "regularizers") and _figure(table, results, figure):
-    out += ["", f"![{table.title}](figures/{figure.name})"]
-  curves = report.parent / "figures" / f"{table.name}_training.png"
-  if (table.name not in ("cost", "regularizers") and not table.renders
-      and _training_figure(table, results, budget, curves)):
-    out += ["", _TRAINING_FIGURE_NOTE, "",
-            f"![{table.title}: training curves](figures/{curves.name})"]
+  if table.name not in ("cost", "regularizers"):
+    figure = report.parent / "figures" / f"{table.name}.png"
+    if _figure(table, results, figure):
+      out += ["", f"![{table.title}](figures/{figure.name})"]
+    curves = report.parent / "figures" / f"{table.name}_training.png"
+    if not table.renders and _training_figure(table, results, budget, curves):
+      out += ["", _TRAINING_FIGURE_NOTE, "",
+              f"![{table.title}: training curves](figures/{curves.name})"]
   return out + [""]
 
 
