@@ -90,6 +90,11 @@ flags.DEFINE_bool("adv", False, "relu_stability: PGD CE instead of clean CE.")
 flags.DEFINE_float("grad_clip", 0.0, "Global-norm gradient clipping (0: off).")
 flags.DEFINE_string("init", "default", "Initial weights: 'default' (N(0, 1/fan_in)) or "
                     "'ibp' (Shi et al. 2021, dm_jax.models.ibp_initialization).")
+flags.DEFINE_float("warmup_reg", 0.0, "Shi et al. (2021)'s warm-up regularisers (bound "
+                   "tightness + ReLU balance of the IBP bounds, dm_jax.train.methods.warmup) "
+                   "on top of any method, weight lambda_0 * (1 - eps_t / eps) during the eps "
+                   "ramp; 0: off, Shi et al.: 0.5.")
+flags.DEFINE_float("warmup_reg_tol", 0.5, "--warmup_reg: the tolerance tau of both terms.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps.")
 flags.DEFINE_integer("eval_cert_points", 256, "Test points for the per-epoch IBP check.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
@@ -235,7 +240,8 @@ def build_config(defaults: DatasetDefaults):
       epochs=epochs, batch_size=batch_size, lr=lr, lr_boundaries=lr_boundaries,
       eps_schedule=eps_schedule, lam_final=FLAGS.lambda_final, seed=FLAGS.seed,
       workdir=workdir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-      grad_clip=FLAGS.grad_clip, init=FLAGS.init, ensemble=FLAGS.ensemble,
+      grad_clip=FLAGS.grad_clip, init=FLAGS.init, warmup_reg=FLAGS.warmup_reg,
+      warmup_reg_tol=FLAGS.warmup_reg_tol, ensemble=FLAGS.ensemble,
       normalize=defaults.normalize,
       augment=defaults.augment, max_train_examples=FLAGS.max_train_examples,
       eval_cert_points=FLAGS.eval_cert_points,

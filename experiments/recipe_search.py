@@ -112,6 +112,19 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "dm_s_only_folded_kappa_ramp30_ibp_init": (
                 "--method=dm_s_only", "--lam_form=kappa", "--dm_loss=folded", "--init=ibp",
                 "--eps_schedule=600,3600", "--lr_boundaries=9000,10800"),
+            # Shi et al. (2021)'s warm-up regularisers (dm_jax.train.methods.warmup,
+            # lambda_0 0.5, tau 0.5) on the best recipe above, then with their gradient
+            # clipping (global norm 10) too; and on Variation 1.
+            "ibp_folded_ramp30_ibp_init_reg": (
+                "--method=ibp", "--ibp_margin", "--init=ibp", "--warmup_reg=0.5",
+                "--eps_schedule=600,3600", "--lr_boundaries=9000,10800"),
+            "ibp_folded_ramp30_ibp_init_reg_clip": (
+                "--method=ibp", "--ibp_margin", "--init=ibp", "--warmup_reg=0.5",
+                "--grad_clip=10", "--eps_schedule=600,3600", "--lr_boundaries=9000,10800"),
+            "dm_s_only_folded_kappa_ramp30_ibp_init_reg": (
+                "--method=dm_s_only", "--lam_form=kappa", "--dm_loss=folded", "--init=ibp",
+                "--warmup_reg=0.5", "--eps_schedule=600,3600",
+                "--lr_boundaries=9000,10800"),
         },
     ),
     # The best short recipes at the paper's 100 epochs (60,000 steps of batch 100), their

@@ -84,6 +84,8 @@ class TrainConfig:
   max_to_keep: int = 3
   grad_clip: float = 0.0                             # 0: no clipping
   init: str = "default"                              # models.INITIALIZATIONS
+  warmup_reg: float = 0.0                            # Shi et al.'s lambda_0 (0: off)
+  warmup_reg_tol: float = 0.5                        # and their tau
   ensemble: int = 1
   num_devices: Optional[int] = None                  # data-parallel devices (None: all)
   num_classes: Optional[int] = None                  # None: from the dataset
@@ -121,6 +123,9 @@ class TrainConfig:
       raise ValueError("checkpoint_every_steps must be >= 0.")
     if self.grad_clip < 0:
       raise ValueError(f"grad_clip must be >= 0; got {self.grad_clip!r}.")
+    if self.warmup_reg < 0 or not self.warmup_reg_tol > 0:
+      raise ValueError(f"warmup_reg must be >= 0 and warmup_reg_tol > 0; got "
+                       f"{self.warmup_reg!r} and {self.warmup_reg_tol!r}.")
     if self.ensemble < 1:
       raise ValueError(f"ensemble must be >= 1; got {self.ensemble!r}.")
     if self.init not in models_lib.INITIALIZATIONS:
@@ -255,6 +260,20 @@ def _get_method(config: TrainConfig):
   return methods.get_method(config.method, norm=config.norm, k=config.k, l1=config.l1,
                             prune=config.prune, adv=config.adv, lam_form=config.lam_form,
                             **config.method_kwargs)
+
+
+def training_loss(config: TrainConfig, method: Any) -> Callable:
+  """The method's loss with what the trainer adds to every method: Shi et al.'s warm-up
+  regularisers (:mod:`dm_jax.train.methods.warmup`) when ``config.warmup_reg`` > 0, on
+  the method's own threat model (its resolved ``norm``, ``domain`` and ``k``)."""
+  if not config.warmup_reg:
+    return method.loss
+  from dm_jax.train.methods.warmup import with_warmup_regularizer
+  options = getattr(method, "options", None) or {}
+  return with_warmup_regularizer(
+      method.loss, weight=config.warmup_reg, eps_final=config.eps_train,
+      tol=config.warmup_reg_tol, norm=options.get("norm", config.norm),
+      domain=options.get("domain", (0.0, 1.0)), k=options.get("k", config.k))
 
 
 def _make_hyper(eps, lam, kappa):
@@ -488,7 +507,7 @@ def train(config: TrainConfig, dataset: data_lib.Dataset, *, resume: bool = True
   if is_main:
     (workdir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
 
-  train_step = make_train_step(config, apply_fn, method.loss, tx, sched,
+  train_step = make_train_step(config, apply_fn, training_loss(config, method), tx, sched,
                                make_hyper=make_hyper, prune=do_prune, mesh=mesh)
   evaluator = Evaluator(config, apply_fn, dataset)
   holdout_losses = _holdout_losses_fn(apply_fn, method.loss, make_hyper) if ada else None
