@@ -133,3 +133,25 @@ def test_training_loss_wraps_only_when_asked():
     train_lib.TrainConfig(warmup_reg=-1.0).validate()
   with pytest.raises(ValueError, match="warmup_reg_tol"):
     train_lib.TrainConfig(warmup_reg=0.5, warmup_reg_tol=0.0).validate()
+
+
+def test_trainer_regularises_until_the_ramp_ends(tmp_path):
+  """200 synthetic examples, batch 50: eps ramps over steps 2-6; the regulariser is on
+  (and positive once eps > 0) before step 6 and off after, with its metrics kept."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (300, 8, 8, 1)).astype(np.float32)
+  y = (x.mean(axis=(1, 2, 3)) > 0.5).astype(np.int32)
+  from dm_jax import data as data_lib
+  ds = data_lib.Dataset("synthetic", x[:200], y[:200], x[200:], y[200:], 2, (8, 8, 1),
+                        "synthetic")
+  config = train_lib.TrainConfig(
+      dataset="mnist", arch="mlp", method="ibp", eps_train=0.1, epochs=3, batch_size=50,
+      lr=1e-3, eps_schedule=(2, 6), workdir=str(tmp_path / "run"), eval_cert_points=20,
+      eval_test_examples=50, progress=False, warmup_reg=0.5, lam_form="kappa")
+  seen = {}
+  train_lib.train(config, ds, callback=lambda step, m: seen.update({step: m}))
+  assert sorted(seen) == list(range(1, 13))
+  before = [seen[s]["warmup_reg"] for s in range(3, 7)]   # steps 2..5 (1-based 3..6)
+  after = [seen[s]["warmup_reg"] for s in range(7, 13)]
+  assert all(r > 0 for r in before), before
+  assert all(r == 0 for r in after), after

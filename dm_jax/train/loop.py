@@ -262,15 +262,22 @@ def _get_method(config: TrainConfig):
                             **config.method_kwargs)
 
 
-def training_loss(config: TrainConfig, method: Any) -> Callable:
+def training_loss(config: TrainConfig, method: Any, during_ramp: bool = True) -> Callable:
   """The method's loss with what the trainer adds to every method: Shi et al.'s warm-up
   regularisers (:mod:`dm_jax.train.methods.warmup`) when ``config.warmup_reg`` > 0, on
-  the method's own threat model (its resolved ``norm``, ``domain`` and ``k``)."""
+  the method's own threat model (its resolved ``norm``, ``domain`` and ``k``).
+
+  ``during_ramp``: the loss of the steps before the eps ramp's end; after it the
+  regulariser's weight is 0, and ``during_ramp=False`` gives the method's loss with the
+  regulariser's metrics at 0 (no bound pass).
+  """
   if not config.warmup_reg:
     return method.loss
-  from dm_jax.train.methods.warmup import with_warmup_regularizer
+  from dm_jax.train.methods import warmup
+  if not during_ramp:
+    return warmup.with_zero_warmup_metrics(method.loss)
   options = getattr(method, "options", None) or {}
-  return with_warmup_regularizer(
+  return warmup.with_warmup_regularizer(
       method.loss, weight=config.warmup_reg, eps_final=config.eps_train,
       tol=config.warmup_reg_tol, norm=options.get("norm", config.norm),
       domain=options.get("domain", (0.0, 1.0)), k=options.get("k", config.k))
@@ -507,8 +514,12 @@ def train(config: TrainConfig, dataset: data_lib.Dataset, *, resume: bool = True
   if is_main:
     (workdir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
 
-  train_step = make_train_step(config, apply_fn, training_loss(config, method), tx, sched,
+  train_step = make_train_step(config, apply_fn, training_loss(config, method, False), tx,
+                               sched, make_hyper=make_hyper, prune=do_prune, mesh=mesh)
+  # Steps before the ramp's end add the warm-up regularisers (compiled on first use).
+  ramp_step = (make_train_step(config, apply_fn, training_loss(config, method), tx, sched,
                                make_hyper=make_hyper, prune=do_prune, mesh=mesh)
+               if config.warmup_reg else None)
   evaluator = Evaluator(config, apply_fn, dataset)
   holdout_losses = _holdout_losses_fn(apply_fn, method.loss, make_hyper) if ada else None
   if ada and resumed_from and resumed_from % steps_per_epoch == 0:
@@ -582,10 +593,11 @@ def train(config: TrainConfig, dataset: data_lib.Dataset, *, resume: bool = True
         if do_prune and step == prune_step and prune_step > 0:
           state = _prune(state, config.prune_threshold)
         x, y = sharding.shard_batch((x, y), mesh)
+        step_fn = ramp_step if ramp_step is not None and step < sched.ramp_end else train_step
         if ada:
-          state, metrics = train_step(state, x, y, np.float32(kappa_now))
+          state, metrics = step_fn(state, x, y, np.float32(kappa_now))
         else:
-          state, metrics = train_step(state, x, y)
+          state, metrics = step_fn(state, x, y)
         pending.append((step, b, metrics))
         step += 1
         bar.update(1)

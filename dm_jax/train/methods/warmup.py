@@ -17,16 +17,17 @@ Both read the interval (IBP) bounds ``[l, u]`` of every ReLU input over the inpu
 
 Each is averaged over the ReLU layers; their sum is weighted by
 ``weight * (1 - eps_t / eps_final)`` (Shi et al.'s decay), so it fades out as eps reaches
-its final value and costs nothing afterwards (the bound pass sits behind a
-``lax.cond``).
+its final value. The trainer (:func:`dm_jax.train.training_loss`) uses the regularised
+loss only before the ramp's end and a plain step after it, rather than one step with
+the bound pass behind a ``lax.cond``: XLA on CPU ran that branch about 20x slower than
+the same pass outside a conditional (small CNN, batch 100: 989 against 50 ms).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from dm_jax.bounds.interval import Bounds, interval_bounds
 from dm_jax.core.input_sets import make_input_set
@@ -115,8 +116,9 @@ def with_warmup_regularizer(loss_fn: Callable, *, weight: float, eps_final: floa
 
   Returns:
     The regularised loss; its metrics gain ``warmup_reg`` (the weighted sum),
-    ``reg_tightness`` and ``reg_relu`` (the unweighted terms, 0 once the weight is 0) and
-    an updated ``loss``.
+    ``reg_tightness`` and ``reg_relu`` (the unweighted terms) and an updated ``loss``.
+    The bound pass runs at every eps, so use it only while eps < eps_final (module
+    docstring).
   """
   if weight < 0 or tol <= 0:
     raise ValueError(f"warm-up regulariser needs weight >= 0 and tol > 0; got weight="
@@ -129,15 +131,11 @@ def with_warmup_regularizer(loss_fn: Callable, *, weight: float, eps_final: floa
     intensity = warmup_intensity(hyper.eps, eps_final, weight)
     eps = jnp.maximum(hyper.eps, MIN_EPS_SHARE * eps_final)
 
-    def terms(p):
-      _, relus = interval_bounds(apply_fn, p, x, eps, norm, k=k, domain=domain,
-                                 return_relu_inputs=True)
-      lower, upper = make_input_set(x, eps, norm, k, domain).box()
-      return (tightness_loss((upper - lower) / 2, relus, tol),
-              relu_balance_loss(relus, tol))
-
-    zeros = lambda p: (jnp.zeros(()), jnp.zeros(()))
-    tight, balance = lax.cond(intensity > 0, terms, zeros, params)
+    _, relus = interval_bounds(apply_fn, params, x, eps, norm, k=k, domain=domain,
+                               return_relu_inputs=True)
+    lower, upper = make_input_set(x, eps, norm, k, domain).box()
+    tight = tightness_loss((upper - lower) / 2, relus, tol)
+    balance = relu_balance_loss(relus, tol)
     reg = intensity * (tight + balance)
     metrics = dict(metrics, warmup_reg=reg, reg_tightness=tight, reg_relu=balance)
     value = value + reg
@@ -145,3 +143,15 @@ def with_warmup_regularizer(loss_fn: Callable, *, weight: float, eps_final: floa
     return value, metrics
 
   return regularised
+
+
+def with_zero_warmup_metrics(loss_fn: Callable) -> Callable:
+  """``loss_fn`` with the metrics of :func:`with_warmup_regularizer` set to 0: the step
+  after the ramp keeps the metric names of the steps before it."""
+
+  def plain(params, apply_fn, x, y, hyper, key):
+    value, metrics = loss_fn(params, apply_fn, x, y, hyper, key)
+    zero = jnp.zeros(())
+    return value, dict(metrics, warmup_reg=zero, reg_tightness=zero, reg_relu=zero)
+
+  return plain
