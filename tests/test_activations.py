@@ -153,6 +153,7 @@ class LinesTest(chex.TestCase):
     assert np.all(np.abs(at(ln.up_s, ln.up_b) - gl) <= tol), name
 
   @chex.variants(with_jit=True, without_jit=True)
+  @pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
   def test_edge_intervals_and_finite_gradients(self):
     """Points, widths 1e-7 (around 0 too), [-50, 50] and its halves: the lines bound g
     (float64 check, float32 slack), and their gradients in (l, u), as training takes
@@ -463,6 +464,7 @@ class NetworkTest(chex.TestCase):
 
 # ------------------------------------------------------------------- 3. certify
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_certify_a_flax_tanh_model_end_to_end():
   model = MLP("tanh")
   rng = np.random.default_rng(10)

@@ -355,6 +355,7 @@ def test_proposition2_verdict_is_the_sign_of_the_measured_difference():
   assert checked >= pairs // 2 and any(verdicts) and not all(verdicts), verdicts
 
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_regularizer_distance_takes_functions_on_their_own_batches():
   apply_fn, params, data, batches = _problem("mlp")
   loss = analysis.classification_loss(apply_fn)
@@ -519,6 +520,7 @@ def mlp_checkpoint(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_select_ranks_the_target_method_itself_first(mlp_checkpoint):
   from experiments import select_regularizer as S
   config, ds, apply_fn, params, step, _ = S.load_checkpoint(str(mlp_checkpoint),

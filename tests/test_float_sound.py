@@ -265,7 +265,7 @@ class JitTest(chex.TestCase):
     self.p, self.x, self.active = stable_net(3, 6, 300, 1e3, 0.0, 0.05)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters("crown", "ibp", "alpha_crown")
+  @parameterized.parameters("ibp", "crown", "alpha_crown")  # the cheapest first: the default tier
   def test_jit_and_eager(self, method):
     alpha = ALPHA if method == "alpha_crown" else None
     fn = lambda p, x: linear.margin_lower_bounds(apply, p, x, jnp.array([0]), 0.05,

@@ -445,6 +445,7 @@ def test_mlp_vs_mip_with_domain():
       assert np.all(b_box[m] >= b[m] - 1e-5), m
 
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 @pytest.mark.parametrize("eps", [0.02, 0.08])
 def test_conv_vs_mip(eps):
   model = TinyConv()
@@ -455,6 +456,7 @@ def test_conv_vs_mip(eps):
   assert res.num_binaries.max() > 0  # some unstable ReLUs: not a trivial comparison
 
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 @pytest.mark.parametrize("relu_first", [True, False])
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("linf", 0.15), ("l1", 0.5)])
 def test_maxpool_vs_mip(relu_first, norm, eps):

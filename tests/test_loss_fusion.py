@@ -154,6 +154,7 @@ class FusedBoundTest(chex.TestCase):
     np.testing.assert_allclose(margins, lb, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(upper, jax.nn.logsumexp(-lb, axis=1), rtol=1e-5, atol=1e-5)
 
+  @pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
   def test_wide_intervals_stay_finite_with_finite_gradients(self):
     apply_fn, params, x, y = self._case("cnn")
     params = jax.tree_util.tree_map(lambda p: 30.0 * p, params)  # logits in the 1000s

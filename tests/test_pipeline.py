@@ -50,6 +50,7 @@ def _certifier_stages(res):
   return [s for s in res.stages[1:] if s not in P.FALSIFIERS]
 
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 @pytest.mark.parametrize("norm,eps,domain", [("linf", 0.03, (0.0, 1.0)),
                                              ("linf", 0.03, None), ("l2", 0.3, None)])
 def test_certified_union_and_falsified_counterexamples(trained, norm, eps, domain):

@@ -29,6 +29,7 @@ def reproduce():
   return module
 
 
+@pytest.mark.sweep  # heavy (10-25 s): CI's sweep tier, not the default (tests/conftest.py)
 def test_every_cell_of_every_table_is_a_valid_command():
   # Each script's own flag checks (experiments.common.build_config) on every cell.
   r = _run(["--check"], timeout=300)
