@@ -121,6 +121,11 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "ibp_folded_ramp30_ibp_init_reg_clip": (
                 "--method=ibp", "--ibp_margin", "--init=ibp", "--warmup_reg=0.5",
                 "--grad_clip=10", "--eps_schedule=600,3600", "--lr_boundaries=9000,10800"),
+            # Variation 1 on the data box (its start interval clipped to [0, 1], as IBP's
+            # input set): finding 1 tested the box only for DM with v.
+            "dm_s_only_folded_kappa_ramp30_ibp_init_box": (
+                "--method=dm_s_only", "--dm_domain", "--lam_form=kappa", "--dm_loss=folded",
+                "--init=ibp", "--eps_schedule=600,3600", "--lr_boundaries=9000,10800"),
             "dm_s_only_folded_kappa_ramp30_ibp_init_reg": (
                 "--method=dm_s_only", "--lam_form=kappa", "--dm_loss=folded", "--init=ibp",
                 "--warmup_reg=0.5", "--eps_schedule=600,3600",
