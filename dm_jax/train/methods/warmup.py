@@ -48,40 +48,37 @@ def _ratio_term(num: jax.Array, den: jax.Array, valid: jax.Array, tol: float) ->
   return jnp.where(valid, jax.nn.relu(tol - r) / tol, 0.0)
 
 
+def _mean_over_layers(relu_bounds: Sequence[Bounds],
+                      per_layer: Callable[[Bounds], jax.Array]) -> jax.Array:
+  """The mean of ``per_layer`` over the ReLU layers (0 for a network without ReLUs)."""
+  if not relu_bounds:
+    return jnp.zeros(())
+  return jnp.mean(jnp.stack([per_layer(b) for b in relu_bounds]))
+
+
 def tightness_loss(input_radius: jax.Array, relu_bounds: Sequence[Bounds],
                    tol: float = 0.5) -> jax.Array:
-  """Mean over the ReLU layers of ``ReLU(tol - t_0 / t) / tol``.
+  """Mean over the ReLU layers of ``ReLU(tol - t_0 / t) / tol`` (a scalar).
 
   Args:
     input_radius: (B, ...) radius of the input box (half its width per coordinate).
     relu_bounds: the interval bounds of every ReLU input, each (B, ...).
     tol: the tolerance tau (Shi et al.: 0.5).
-
-  Returns:
-    A scalar (0 for a network without ReLUs).
   """
-  if not relu_bounds:
-    return jnp.zeros(())
   t0 = jnp.mean(input_radius)
-  terms = [jax.nn.relu(tol - t0 / jnp.maximum(jnp.mean((b.upper - b.lower) / 2), _TINY))
-           / tol for b in relu_bounds]
-  return jnp.mean(jnp.stack(terms))
+
+  def layer(b: Bounds) -> jax.Array:
+    t = jnp.maximum(jnp.mean((b.upper - b.lower) / 2), _TINY)
+    return jax.nn.relu(tol - t0 / t) / tol
+
+  return _mean_over_layers(relu_bounds, layer)
 
 
 def relu_balance_loss(relu_bounds: Sequence[Bounds], tol: float = 0.5) -> jax.Array:
-  """Mean over the ReLU layers of the active/inactive balance penalty (module docstring).
+  """Mean over the ReLU layers of the active/inactive balance penalty (module
+  docstring; a scalar). ``relu_bounds`` and ``tol`` as :func:`tightness_loss`'s."""
 
-  Args:
-    relu_bounds: the interval bounds of every ReLU input, each (B, ...).
-    tol: the tolerance tau (Shi et al.: 0.5).
-
-  Returns:
-    A scalar (0 for a network without ReLUs).
-  """
-  if not relu_bounds:
-    return jnp.zeros(())
-  terms = []
-  for b in relu_bounds:
+  def layer(b: Bounds) -> jax.Array:
     c = b.centre
     active, inactive = b.lower > 0, b.upper < 0
     both = jnp.any(active) & jnp.any(inactive)
@@ -90,8 +87,9 @@ def relu_balance_loss(relu_bounds: Sequence[Bounds], tol: float = 0.5) -> jax.Ar
                             -jnp.sum(jnp.where(inactive, c, 0.0)), both, tol)
     var_term = _ratio_term(jnp.sum(jnp.where(active, dev, 0.0)),
                            jnp.sum(jnp.where(inactive, dev, 0.0)), both, tol)
-    terms.append(mean_term + var_term)
-  return jnp.mean(jnp.stack(terms))
+    return mean_term + var_term
+
+  return _mean_over_layers(relu_bounds, layer)
 
 
 def warmup_intensity(eps: jax.Array, eps_final: float, weight: float) -> jax.Array:
