@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 
+from dm_jax.train import schedules
 from dm_jax.train.methods.double_margin import DM_LOSSES
 from experiments import cli, grids
 from experiments.defaults import DatasetDefaults
@@ -50,11 +51,12 @@ flags.DEFINE_enum("lam_form", None, ["paper", "kappa"], "DM objective form: 'pap
                   "((1-lam) CE + lam CE_split, the paper's lambda -> 2, which collapses on "
                   "MNIST at eps 0.3: docs/results.md) or 'kappa' (SingleProp: kappa 1 -> "
                   "kappa_final); default: the dataset's.")
-flags.DEFINE_enum("schedule", None, ["singleprop", "proportional"], "Default step "
-                  "boundaries: 'singleprop' (the reference run's steps, scaled down for "
-                  "short runs) or 'proportional' (eps ramp 5%-50% of the steps, lr x0.1 "
-                  "after 75% and 90%); --eps_schedule/--lr_boundaries override; default: "
-                  "the dataset's.")
+flags.DEFINE_enum("schedule", None, list(schedules.SHAPES), "Default step boundaries: "
+                  "'singleprop' (the reference run's steps, scaled down for short runs), "
+                  "'proportional' (eps 0 for 5% of the steps, ramp to eps_train at 50%, "
+                  "lr x0.1 after 75% and 90%) or 'short_ramp' (the same, the ramp ending "
+                  "at 30%; dm_jax.train.schedules.FRACTIONS); --eps_schedule/"
+                  "--lr_boundaries override; default: the dataset's.")
 flags.DEFINE_string("eps_schedule", None, "'warmup_end,ramp_end' steps of the eps/lambda/"
                     "kappa ramp (default: the dataset's, scaled for short runs).")
 flags.DEFINE_string("workdir", None, "Output directory (default "
@@ -88,12 +90,13 @@ flags.DEFINE_string("norm", "linf", "Threat model: linf, l2, l1 or l0 (training 
 flags.DEFINE_bool("prune", False, "Magnitude pruning (relu_stability + pruning).")
 flags.DEFINE_bool("adv", False, "relu_stability: PGD CE instead of clean CE.")
 flags.DEFINE_float("grad_clip", 0.0, "Global-norm gradient clipping (0: off).")
-flags.DEFINE_string("init", "default", "Initial weights: 'default' (N(0, 1/fan_in)) or "
-                    "'ibp' (Shi et al. 2021, dm_jax.models.ibp_initialization).")
-flags.DEFINE_float("warmup_reg", 0.0, "Shi et al. (2021)'s warm-up regularisers (bound "
+flags.DEFINE_string("init", None, "Initial weights: 'default' (N(0, 1/fan_in)) or "
+                    "'ibp' (Shi et al. 2021, dm_jax.models.ibp_initialization); default: "
+                    "the dataset's.")
+flags.DEFINE_float("warmup_reg", None, "Shi et al. (2021)'s warm-up regularisers (bound "
                    "tightness + ReLU balance of the IBP bounds, dm_jax.train.methods.warmup) "
                    "on top of any method, weight lambda_0 * (1 - eps_t / eps) during the eps "
-                   "ramp; 0: off, Shi et al.: 0.5.")
+                   "ramp; 0: off, Shi et al.: 0.5; default: the dataset's.")
 flags.DEFINE_float("warmup_reg_tol", 0.5, "--warmup_reg: the tolerance tau of both terms.")
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint period in steps.")
 flags.DEFINE_integer("eval_cert_points", 256, "Test points for the per-epoch IBP check.")
@@ -240,7 +243,8 @@ def build_config(defaults: DatasetDefaults):
       epochs=epochs, batch_size=batch_size, lr=lr, lr_boundaries=lr_boundaries,
       eps_schedule=eps_schedule, lam_final=FLAGS.lambda_final, seed=FLAGS.seed,
       workdir=workdir, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-      grad_clip=FLAGS.grad_clip, init=FLAGS.init, warmup_reg=FLAGS.warmup_reg,
+      grad_clip=FLAGS.grad_clip, init=setting("init", defaults),
+      warmup_reg=setting("warmup_reg", defaults),
       warmup_reg_tol=FLAGS.warmup_reg_tol, ensemble=FLAGS.ensemble,
       normalize=defaults.normalize,
       augment=defaults.augment, max_train_examples=FLAGS.max_train_examples,

@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, defaults
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("stage", "mnist_short", "Which group of recipes (see STAGES).")
@@ -56,7 +56,8 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
         # grid and the method are spelled out so MNIST's defaults do not leak in.)
         ("--epochs=20", "--seed=0", "--num_cert_points=1000", "--cert_domain",
          "--cert_methods=ibp,crown_ibp", "--pgd_attack_certified", "--noprogress",
-         "--method=dm", "--nodm_domain", "--eps_grid=0,0.01,0.03,0.05,0.07,0.1,0.2,0.3,0.4"),
+         "--method=dm", "--nodm_domain", *defaults.PRE_STACK_MNIST,
+         "--eps_grid=0,0.01,0.03,0.05,0.07,0.1,0.2,0.3,0.4"),
         (0.1, 0.2, 0.3),
         {
             # Run before --dm_domain re-centred DM's start (commit c3ef751 and earlier):
@@ -72,7 +73,8 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "dm_wc_kappa_long": ("--lam_form=kappa", "--dm_loss=worst_case") + _LONG,
             "dm_wc_kappa_long_box": ("--lam_form=kappa", "--dm_loss=worst_case",
                                      "--dm_domain") + _LONG,
-            "ibp_long": ("--method=ibp",) + _LONG,
+            # (--lam_form=paper: MNIST's default when it ran.)
+            "ibp_long": ("--method=ibp", "--lam_form=paper") + _LONG,
             "dm_wc_ibp_v_kappa_long_box": ("--method=dm_ibp_v", "--lam_form=kappa",
                                            "--dm_loss=worst_case", "--dm_domain") + _LONG,
             "dm_wc_kappa_long_k0": ("--lam_form=kappa", "--dm_loss=worst_case",
@@ -149,7 +151,8 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
         "mnist",
         ("--epochs=100", "--seed=0", "--num_cert_points=1000", "--cert_domain",
          "--cert_methods=ibp,crown_ibp", "--pgd_attack_certified", "--noprogress",
-         "--method=dm", "--nodm_domain", "--eps_grid=0,0.01,0.03,0.05,0.07,0.1,0.2,0.3,0.4",
+         "--method=dm", "--nodm_domain", *defaults.PRE_STACK_MNIST,
+         "--eps_grid=0,0.01,0.03,0.05,0.07,0.1,0.2,0.3,0.4",
          "--eps_schedule=3000,18000", "--lr_boundaries=45000,54000"),
         (0.1, 0.2, 0.3),
         {

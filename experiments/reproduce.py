@@ -160,7 +160,9 @@ class Table:
 
 
 def _mnist_common(eps: str) -> Tuple[str, ...]:
-  return (f"--eps={eps}", "--seed=0", "--num_cert_points=1000",
+  # The schedule and initialisation the cells were run with, before the main job's
+  # defaults moved on (a cell's own flags come after and win).
+  return (f"--eps={eps}", "--seed=0", *defaults.PRE_STACK_MNIST, "--num_cert_points=1000",
           f"--cert_methods={ALL_CERTIFIERS}", "--cert_domain", f"--eps_grid={MNIST_RADII}",
           "--pgd_steps=50", "--pgd_restarts=2", "--noprogress")
 
@@ -350,8 +352,8 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
     Table(
         "norms", "Tables 4 and 7: Double Margin for l_inf, l2, l1 and l0, each certified "
         "in every norm (MNIST small CNN)", "mnist",
-        ("--seed=0", "--num_cert_points=200", "--cert_methods=fastlin,ibp", "--noprogress",
-         "--pgd_restarts=0"), 100, (),
+        ("--seed=0", *defaults.PRE_STACK_MNIST, "--num_cert_points=200",
+         "--cert_methods=fastlin,ibp", "--noprogress", "--pgd_restarts=0"), 100, (),
         tuple(Cell(f"dm_{norm}", f"Double Margin {norm} (eps {eps})",
                    (f"--norm={norm}", f"--eps={eps}") + _dm("dm", domain=False)
                    + (f"--eps_grid={NORM_RADII[norm]}",), epochs=epochs,
@@ -399,8 +401,9 @@ TABLES: Dict[str, Table] = {t.name: t for t in (
     Table(
         "regularizers", "Section 3.1's framework: the regularizer ranking Proposition 2 "
         "predicts against the ones measured (MNIST small CNN)", "mnist",
-        ("--seed=0", "--num_cert_points=200", "--cert_methods=ibp", "--noprogress",
-         "--pgd_restarts=0", "--eps_grid=0,0.1,0.3"), 1, ("0.1", "0.3"),
+        ("--seed=0", *defaults.PRE_STACK_MNIST, "--num_cert_points=200",
+         "--cert_methods=ibp", "--noprogress", "--pgd_restarts=0", "--eps_grid=0,0.1,0.3"),
+        1, ("0.1", "0.3"),
         (Cell("normal_1ep", "Normal training, 1 epoch", ("--method=normal", "--eps=0.1")),)
         + tuple(Cell(f"select_{tag}_eps{e}", f"{what}, eps {e}",
                      (f"--eps={e}", *SELECT_FLAGS), kind="select", source=src)

@@ -45,9 +45,11 @@ def test_mnist_end_to_end_and_resume(tmp_path):
   assert ("fastlin" in out or "cnn-cert-relu" in out) and "ibp" in out and "best" in out
   table = json.loads((workdir / "certified.json").read_text())
   assert table["num_points"] == 20 and table["method"] == "dm_s_only"
-  # MNIST's defaults: the recipe of docs/recipes.md (Variation 1 on the ball), certified
-  # on the ball and the box
-  assert table["lam_form"] == "kappa" and table["config"]["schedule"] == "proportional"
+  # MNIST's defaults: the recipe of docs/recipes.md (Variation 1 on the ball, the short
+  # ramp, Shi et al.'s initialisation and warm-up regularisers), certified on the ball
+  # and the box
+  assert table["lam_form"] == "kappa" and table["config"]["schedule"] == "short_ramp"
+  assert table["config"]["init"] == "ibp" and table["config"]["warmup_reg"] == 0.5
   assert table["config"]["method_kwargs"] == {"dm_loss": "folded"}
   assert table["config"]["kappa_final"] == 0.25 and "kappa_final=0.25" in r.stdout
   assert table["cert_domain"] == [0.0, 1.0] and "pgd" in table["table"]
@@ -192,3 +194,88 @@ def test_recipe_search_list_summary_collect(tmp_path):
   assert (dest / "mnist_short" / "summary.csv").exists()
   r = _run(["experiments.recipe_search", "--only=nope", f"--root={tmp_path}"], timeout=120)
   assert r.returncode != 0 and "unknown recipe" in r.stderr
+
+
+# Resolves each command line given on stdin (JSON lists) to its TrainConfig, as the
+# script would before training; prints them as JSON (workdir and progress dropped), and
+# the method options' defaults.
+_RESOLVE_PROGRAM = r"""
+import dataclasses, json, sys
+from absl import flags
+from dm_jax.train import methods
+from experiments import common, mnist
+out = [methods.option_defaults()]
+for argv in json.loads(sys.stdin.read()):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["mnist"] + argv)
+  config = dataclasses.asdict(common.build_config(mnist.DEFAULTS))
+  out.append({k: v for k, v in config.items() if k not in ("workdir", "progress")})
+print(json.dumps(out))
+"""
+
+
+# The MNIST training cells of experiments.reproduce: {committed result path: argv}.
+_REPRODUCE_CELLS_PROGRAM = r"""
+import json
+from absl import flags
+from experiments import reproduce
+flags.FLAGS(["reproduce", "--workdir=/nonexistent"])
+out = {}
+for table in reproduce.TABLES.values():
+  for cell in table.cells:
+    if table.script == "mnist" and cell.kind not in ("bench", "certify", "select"):
+      argv = reproduce.cell_argv(table, cell, "full", reproduce.cell_workdir(table, cell, "full"))
+      out[str(reproduce.result_path(table, cell, "full"))] = [
+          a for a in argv[3:] if not a.startswith("--workdir=")]
+print(json.dumps(out))
+"""
+
+
+def test_committed_recipe_results_resolve_to_their_configs_today(tmp_path):
+  """Every recipe whose results are committed under results/mnist/<stage>/, and every
+  MNIST cell of experiments.reproduce under results/<table>/, still trains what it
+  trained: its command resolves today to the config its committed result holds, so a
+  change of MNIST's defaults (the main job's) leaves them as they ran."""
+  commands = {}
+  for stage in ("mnist_short", "mnist_full"):
+    r = _run(["experiments.recipe_search", f"--stage={stage}", f"--root={tmp_path}",
+              "--list"], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in r.stdout.strip().splitlines():
+      argv = line.split()[3:]  # drop "todo  -m experiments.mnist"
+      recipe = [a for a in argv if a.startswith("--workdir=")][-1].rsplit("/", 1)[1]
+      result = ROOT / "results" / "mnist" / stage / recipe / "certified.json"
+      if result.exists():
+        commands[result] = [a for a in argv if not a.startswith("--workdir=")]
+  assert len(commands) >= 20  # the committed search
+  # The same for the MNIST training cells of experiments.reproduce (results/<table>/).
+  r = subprocess.run([sys.executable, "-c", _REPRODUCE_CELLS_PROGRAM], capture_output=True,
+                     text=True, cwd=ROOT, timeout=300, env=dict(
+                         os.environ, PYTHONPATH=str(ROOT) + os.pathsep
+                         + os.environ.get("PYTHONPATH", "")))
+  assert r.returncode == 0, r.stderr[-3000:]
+  cells = 0
+  for path, argv in json.loads(r.stdout.strip().splitlines()[-1]).items():
+    if (ROOT / path).exists():
+      commands[ROOT / path] = argv
+      cells += 1
+  assert cells >= 10  # Table 2's MNIST cells at least
+  env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  r = subprocess.run([sys.executable, "-c", _RESOLVE_PROGRAM], input=json.dumps(
+      list(commands.values())), capture_output=True, text=True, cwd=ROOT, env=env,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  option_defaults, *configs = json.loads(r.stdout.strip().splitlines()[-1])
+
+  def normalized(config):  # a method option at its default is the option left out
+    kwargs = {k: v for k, v in config["method_kwargs"].items() if option_defaults[k] != v}
+    return {**config, "method_kwargs": kwargs}
+
+  for result, today in zip(commands, configs):
+    saved = json.loads(result.read_text())
+    committed = normalized(saved.get("result", saved)["config"])  # reproduce: in "result"
+    today = normalized(today)
+    # Fields added after a run was made are compared where the run has them.
+    diff = {k: (committed[k], v) for k, v in today.items()
+            if k in committed and committed[k] != v}
+    assert not diff, f"{result.relative_to(ROOT)}: committed vs today {diff}"

@@ -383,14 +383,19 @@ def test_resume_refuses_a_different_run(tmp_path):
   assert int(state.step) == 4
 
 
-def test_proportional_schedule_shape():
-  """'proportional': warm-up 5%, ramp to 50%, lr drops after 75% and 90% of any run;
-  explicit boundaries still win; an unknown shape is an error."""
+@pytest.mark.parametrize("shape,ramp", [("proportional", 0.5), ("short_ramp", 0.3)])
+def test_fractional_schedule_shapes(shape, ramp):
+  """'proportional' and 'short_ramp': warm-up 5%, ramp to 50% (30%), lr drops after 75%
+  and 90% of any run; explicit boundaries still win; an unknown shape is an error."""
   for total in (1000, 12000, 60000):
-    s = schedules.resolve("mnist", total, eps_final=0.3, lam_final=0.5, shape="proportional")
-    assert (s.warmup_end, s.ramp_end) == (round(0.05 * total), round(0.5 * total))
+    s = schedules.resolve("mnist", total, eps_final=0.3, lam_final=0.5, shape=shape)
+    assert (s.warmup_end, s.ramp_end) == (round(0.05 * total), round(ramp * total))
     assert s.lr_boundaries == (round(0.75 * total), round(0.9 * total))
-  s = schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5, shape="proportional",
+  # The main job's 20 epochs: the boundaries of the recipes it came from.
+  s = schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5, shape=shape)
+  assert (s.warmup_end, s.ramp_end, s.lr_boundaries) == (600, int(ramp * 12000),
+                                                         (9000, 10800))
+  s = schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5, shape=shape,
                         eps_schedule=(10, 20), lr_boundaries=(30,))
   assert (s.warmup_end, s.ramp_end, s.lr_boundaries) == (10, 20, (30,))
   assert schedules.resolve("mnist", 12000, eps_final=0.3, lam_final=0.5).ramp_end == 2400
