@@ -189,6 +189,16 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
                                        "--dm_loss=folded", "--lr=1e-3"),
             "dm_folded_kappa_k0": ("--method=dm", "--nodm_domain", "--lam_form=kappa",
                                    "--dm_loss=folded", "--kappa_final=0"),
+            # MNIST's main-job stack (recipes.md, finding 14): epsilon ramped over the
+            # first 30% of the run, Shi et al.'s initialisation and warm-up regularisers;
+            # on Variation 1 (MNIST's default) and on DM (this stage's best so far).
+            "dm_s_only_folded_kappa_ramp30_ibp_init_reg": (
+                "--method=dm_s_only", "--nodm_domain", "--lam_form=kappa",
+                "--dm_loss=folded", "--schedule=short_ramp", "--init=ibp",
+                "--warmup_reg=0.5"),
+            "dm_folded_kappa_ramp30_ibp_init_reg": (
+                "--method=dm", "--nodm_domain", "--lam_form=kappa", "--dm_loss=folded",
+                "--schedule=short_ramp", "--init=ibp", "--warmup_reg=0.5"),
             # The paper's length.
             "dm_folded_kappa_100ep": ("--method=dm", "--nodm_domain", "--lam_form=kappa",
                                       "--dm_loss=folded", "--epochs=100"),
