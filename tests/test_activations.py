@@ -306,9 +306,12 @@ def pgd_points(apply_fn, params, x, eps, norm, domain=None, steps=20):
   label's margin f_y - max_j f_j down."""
   K = apply_fn(params, x[:1]).shape[-1]
   step = eps / 4 if norm == "linf" else eps / 3
-  pts = [attacks.pgd_attack(apply_fn, params, x, jnp.full((x.shape[0],), y, jnp.int32),
-                            eps, jax.random.PRNGKey(y), steps=steps, step_size=step,
-                            norm=norm, domain=domain, restarts=2, loss="margin")
+  # One compiled attack for every label (eager, each of its steps' operations compiles
+  # apart: 6 s of a 14 s test).
+  attack = jax.jit(lambda params, x, y, key: attacks.pgd_attack(
+      apply_fn, params, x, y, eps, key, steps=steps, step_size=step, norm=norm,
+      domain=domain, restarts=2, loss="margin", unroll=False))
+  pts = [attack(params, x, jnp.full((x.shape[0],), y, jnp.int32), jax.random.PRNGKey(y))
          for y in range(K)]
   return jnp.stack(pts, axis=1)
 
