@@ -203,6 +203,14 @@ STAGES: Dict[str, Tuple[str, Tuple[str, ...], Tuple[float, ...], Dict[str, Tuple
             "dm_folded_kappa_100ep": ("--method=dm", "--nodm_domain", "--lam_form=kappa",
                                       "--dm_loss=folded", "--epochs=100"),
             "ibp_folded_100ep": ("--method=ibp", "--ibp_margin", "--epochs=100"),
+            # The best 30-epoch row (sixteenth session: lr 1e-3) at the paper's length,
+            # and a second seed of it: is its +4.4 points at 8/255 more than noise?
+            "dm_folded_kappa_lr1e-3_100ep": ("--method=dm", "--nodm_domain",
+                                             "--lam_form=kappa", "--dm_loss=folded",
+                                             "--lr=1e-3", "--epochs=100"),
+            "dm_folded_kappa_lr1e-3_seed1": ("--method=dm", "--nodm_domain",
+                                             "--lam_form=kappa", "--dm_loss=folded",
+                                             "--lr=1e-3", "--seed=1", "--cert_seed=0"),
         },
     ),
 }
