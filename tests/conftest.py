@@ -32,11 +32,10 @@ from typing import Callable, Dict, List
 import pytest
 from _pytest.mark.expression import Expression
 
-# Measured on the default tier (WORKSPACE.md, "The test tiers"): 5:07 with XLA's
-# defaults, 4:01 with this flag; --xla_cpu_use_fusion_emitters=false instead gives 4:05,
-# and both 2:53 but one jitted gradient non-finite (SiLU's CROWN-IBP bound in
-# test_activations; finite under either flag alone and eagerly), not understood, so the
-# pair is not used. The optimisation level is the long-standing flag of the two.
+# Timings in WORKSPACE.md ("The test tiers"). --xla_cpu_use_fusion_emitters=false gains
+# as much; both together more, but they make one jitted gradient non-finite (SiLU's
+# CROWN-IBP bound in test_activations), not understood, so only this one, the
+# long-standing flag of the two, is used.
 FAST_COMPILE_XLA_FLAGS = ("--xla_backend_optimization_level=0",)
 
 

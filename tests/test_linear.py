@@ -372,10 +372,9 @@ class TinyPool(nn.Module):
 _MIP_COMPILED = {}
 
 
-def _compiled_margins(model, norm, domain, certifier, alpha=None):
-  key = (type(model), repr(model), norm, domain, certifier, alpha)
+def _compiled_margins(model, norm, domain, method, intersect, alpha=None):
+  key = (type(model), repr(model), norm, domain, method, intersect, alpha)
   if key not in _MIP_COMPILED:
-    method, intersect = certify_lib.linear_options(certifier)
     _MIP_COMPILED[key] = _jit_margins(model.apply, norm, domain, method, intersect, alpha)
   return _MIP_COMPILED[key]
 
@@ -394,7 +393,8 @@ def _compare_with_mip(model, params, x, y, eps, norm, domain=None, label=""):
   np.testing.assert_allclose(att, exact, atol=1e-4, rtol=1e-4)
   bounds = {}
   for method in METHODS + INTERSECTED:
-    lb = np.asarray(_compiled_margins(model, norm, domain, method)(
+    lb = np.asarray(_compiled_margins(model, norm, domain,
+                                      *certify_lib.linear_options(method))(
         params, jnp.asarray(x), jnp.asarray(y), jnp.float32(eps)), np.float64)
     assert np.all(lb[~off] == 0.0), f"{method}: margin at j == y must be 0"
     lb = lb[off]
@@ -405,8 +405,7 @@ def _compare_with_mip(model, params, x, y, eps, norm, domain=None, label=""):
     bounds[method] = lb
     GAPS[method].extend((exact - lb).tolist())
   for name, (intersect, alpha, base) in ALPHA_MIP.items():
-    lb = np.asarray(_compiled_margins(model, norm, domain, "alpha_crown" + (
-        "_intersect" if intersect else ""), alpha)(
+    lb = np.asarray(_compiled_margins(model, norm, domain, "alpha_crown", intersect, alpha)(
         params, jnp.asarray(x), jnp.asarray(y), jnp.float32(eps)), np.float64)
     assert np.all(lb[~off] == 0.0), f"{name}: margin at j == y must be 0"
     lb = lb[off]

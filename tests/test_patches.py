@@ -33,10 +33,9 @@ def test_patch_form_equals_dense(norm, eps, k, domain, arch, shape, method):
   kw = dict(method=method, k=k, domain=domain)
   # Jitted: run eagerly, the patch form compiles each of its ~400 small operations
   # apart (15 s against 4 s for the whole pass); what is compared is the same.
-  fast = jax.jit(lambda p, x: linear.linear_bounds(model.apply, p, x, eps, norm,
-                                                   use_patches=True, **kw))(params, x)
-  dense = jax.jit(lambda p, x: linear.linear_bounds(model.apply, p, x, eps, norm,
-                                                    use_patches=False, **kw))(params, x)
+  bounds = lambda use_patches: jax.jit(lambda p, x: linear.linear_bounds(
+      model.apply, p, x, eps, norm, use_patches=use_patches, **kw))(params, x)
+  fast, dense = bounds(True), bounds(False)
   scale = float(jnp.abs(dense.lower).max()) + 1.0
   np.testing.assert_allclose(fast.lower, dense.lower, atol=2e-6 * scale, err_msg=norm)
   np.testing.assert_allclose(fast.upper, dense.upper, atol=2e-6 * scale, err_msg=norm)
